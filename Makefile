@@ -1,0 +1,73 @@
+# rkllm.fleet: `make lab` builds and provisions the Docker lab fleet; `make test` runs every check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# Lab endpoints on the machine running the lab (override: make lab LAB_GATEWAY_PORT=8080)
+LAB_GATEWAY_PORT ?= 18080
+LAB_PROMETHEUS_PORT ?= 19090
+LAB_UPSTREAM_PORT ?= 18000
+export LAB_GATEWAY_PORT LAB_PROMETHEUS_PORT LAB_UPSTREAM_PORT
+SCENARIOS ?= default upgrade faults
+
+.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity unit molecule lab-pins clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: requirements.txt requirements-dev.txt
+	@echo "==> Creating $(VENV) with the pinned controller and test tools"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -r requirements-dev.txt
+	@mkdir -p .cache/collections/ansible_collections/rkllm
+	@ln -sfn ../../../.. .cache/collections/ansible_collections/rkllm/fleet
+	@touch $@
+
+venv: $(VENV)/.stamp ## create .venv with the pinned tools
+
+lab: venv ## build and provision the lab fleet (Docker), then print its endpoints
+	@$(PY) lab/lab.py up
+	@echo "==> Provisioning the lab fleet: ansible-playbook playbooks/site.yml -i inventories/lab"
+	@$(BIN)/ansible-playbook playbooks/site.yml -i inventories/lab
+	@$(PY) lab/lab.py status
+
+lab-images: venv ## build (or reuse) the lab images only
+	@$(PY) lab/lab.py images
+
+lab-up: venv ## start the lab containers without provisioning them
+	@$(PY) lab/lab.py up
+
+lab-status: venv ## print the lab endpoints and one line per board
+	@$(PY) lab/lab.py status
+
+lab-down: ## remove every container, network, image and state file the lab made
+	@python3 lab/lab.py down
+
+lab-pins: venv ## regenerate inventories/lab/group_vars/all/lab_pins.yml from the lab sources
+	@$(PY) lab/upstream/build.py --out lab/.state/upstream-root --pins inventories/lab/group_vars/all/lab_pins.yml
+
+test: lint sanity unit molecule ## run every check: lint, sanity, unit tests, Molecule scenarios
+
+lint: venv ## yamllint and ansible-lint (production profile)
+	@echo "==> yamllint"
+	@$(BIN)/yamllint -s .
+	@echo "==> ansible-lint (production profile)"
+	@$(BIN)/ansible-lint --offline --profile production
+
+sanity: venv ## ansible-test sanity on a copy placed under ansible_collections/rkllm/fleet
+	@$(PY) .ci/sanity.py
+
+unit: venv ## pytest: modules, module_utils, filters, lab stand-ins and lab upstream
+	@echo "==> pytest"
+	@$(BIN)/pytest
+
+molecule: venv ## Molecule scenarios on the lab images ($(SCENARIOS))
+	@$(PY) lab/lab.py images
+	@set -e; for s in $(SCENARIOS); do echo "==> molecule test -s $$s"; $(BIN)/molecule test -s $$s; done
+
+clean: lab-down ## lab-down, then remove .venv and caches
+	rm -rf $(VENV) .cache .pytest_cache
