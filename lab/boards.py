@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Simulated Rockchip board hardware for the rkllm.fleet lab.
 
 The one table of real-board facts (BOARDS, built on SOCS) that the lab boards and the unit

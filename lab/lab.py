@@ -379,7 +379,7 @@ def status(inventory):
             continue
         facts = cached_facts(member["name"])
         npu = facts.get("ansible_rknpu") or facts.get("rknpu") or {}
-        check = facts.get("rkllama_model_check") or {}
+        check = facts.get("rkllm_model_check") or {}
         res = docker("exec", member["name"], "python3", "-c",
                      "import urllib.request as u;print(u.urlopen('http://127.0.0.1:52415/healthcheck',timeout=5).status)",
                      check=False)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Build the lab upstream's content tree and the lab pins.
 
 The lab upstream is a site mirror of the internet: the file for ``https://HOST/PATH``
@@ -170,8 +169,8 @@ def lab_revision(repo: str) -> str:
 
 def hf_path(url: str) -> str:
     """Tree path of an ``https://host/path`` URL."""
-    scheme, _, rest = url.partition("://")
-    if scheme != "https" or not rest:
+    scheme, separator, rest = url.partition("://")
+    if scheme != "https" or not separator or not rest:
         raise ValueError("not an https URL: " + url)
     return rest
 
@@ -351,8 +350,40 @@ def _git(env: dict, *args: str, cwd: Path | None = None) -> str:
     return result.stdout.strip()
 
 
+def _excluded(rel: str) -> bool:
+    parts = rel.split("/")
+    return (any(p in EXCLUDED_NAMES or p.endswith(".egg-info") for p in parts)
+            or parts[-1].endswith(EXCLUDED_SUFFIXES))
+
+
 def source_files(source: Path) -> list:
-    """Relative paths of a stand-in's files, sorted, without caches or build droppings."""
+    """Relative paths of a stand-in's files, sorted, without caches or build droppings.
+
+    In a git checkout these are the files git would commit (tracked, or untracked and not
+    ignored), so a developer's local leftovers never make the pins differ from CI's.
+    """
+    try:
+        listed = subprocess.run(["git", "-C", str(source), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard", "--full-name", "--", "."],
+                                check=True, capture_output=True).stdout
+        top = subprocess.run(["git", "-C", str(source), "rev-parse", "--show-toplevel"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return _walk_files(source)
+    found = set()
+    for name in listed.decode("utf-8", "surrogateescape").split("\0"):
+        if not name:
+            continue
+        path = Path(top, name)
+        if path.is_symlink() or not path.is_file():
+            continue
+        rel = path.resolve().relative_to(source.resolve()).as_posix()
+        if not _excluded(rel):
+            found.add(rel)
+    return sorted(found)
+
+
+def _walk_files(source: Path) -> list:
     found = []
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_NAMES and not d.endswith(".egg-info"))

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The lab upstream: a site mirror of the internet for the rkllm.fleet lab.
 
 ``https://HOST/PATH`` is served as ``http://<this server>/HOST/PATH`` from the tree that
@@ -152,8 +151,9 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per request is written by _log instead
 
     def _log(self, status: int, nbytes: int, started: float) -> None:
+        elapsed_ms = (time.monotonic() - started) * 1000
         line = '%s - "%s %s" %d %d %.1fms\n' % (self.client_address[0], self.command, self.path, status, nbytes,
-                                                 (time.monotonic() - started) * 1000)
+                                                elapsed_ms)
         with self.upstream.lock:
             sys.stdout.write(line)
             sys.stdout.flush()

@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Version and RKLLM runtime ABI rules, board architectures and artifact URLs, as Jinja2 filters.
 
 Each filter is documented in its own ``<name>.yml`` beside this file (``ansible-doc -t filter rkllm.fleet.<name>``).

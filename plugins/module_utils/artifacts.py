@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Verified artifacts: identities, ELF machine, mirror URLs, download-verify-place.
 
 Plain functions without AnsibleModule, so the module, the filter plugins and the unit tests

@@ -21,10 +21,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import time
 import urllib.error
 
-from ansible.module_utils.urls import open_url
+from ansible.module_utils.urls import Request, make_context
 
 USER_AGENT = 'rkllm.fleet-model_check'
 
@@ -92,6 +93,29 @@ def looks_like_html(body, content_type=''):
         return True
     head = (body or '').lstrip()[:64].lower()
     return head.startswith('<!doctype html') or head.startswith('<html')
+
+
+def make_opener(url):
+    """A function ``(method, url, data, headers, timeout) -> response`` for ``url``'s scheme.
+
+    One ansible ``Request`` (what ``open_url`` uses) with its TLS context built once: building
+    it per request loads the CA bundle every time, which costs more than a local API call.
+    Proxies are never used (rkllama is on the board) and no .netrc is read.
+    """
+    if url.startswith('https://'):
+        context = make_context()
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    options = dict(use_proxy=False, http_agent=USER_AGENT, follow_redirects='none', use_netrc=False)
+    try:
+        request = Request(context=context, **options)
+    except TypeError:  # ansible-core without the context option
+        request = Request(**options)
+
+    def opener(method, target, data, headers, timeout):
+        return request.open(method, target, data=data, headers=headers, timeout=timeout)
+
+    return opener
 
 
 def _set_read_timeout(response, seconds):
@@ -202,10 +226,10 @@ class Generation(object):
 class RkllamaClient(object):
     """rkllama's old API at ``url``; every call shares one deadline of ``timeout`` seconds."""
 
-    def __init__(self, url, timeout, opener=open_url, clock=time.monotonic):
+    def __init__(self, url, timeout, opener=None, clock=time.monotonic):
         self.url = url.rstrip('/')
         self.timeout = float(timeout)
-        self._open_url = opener
+        self._open = opener or make_opener(self.url)
         self._clock = clock
         self.deadline = clock() + self.timeout
         # (method, path) of every request sent, in order: what the caller did to the server.
@@ -236,11 +260,7 @@ class RkllamaClient(object):
             headers['Content-Type'] = 'application/json'
         self.sent.append((method, path))
         try:
-            return self._open_url(
-                self.url + path, data=data, headers=headers, method=method,
-                timeout=min(self.remaining(path), cap or self.timeout), use_proxy=False, http_agent=USER_AGENT,
-                follow_redirects='none',
-            )
+            return self._open(method, self.url + path, data, headers, min(self.remaining(path), cap or self.timeout))
         except urllib.error.HTTPError as exc:
             self._raise_http_error(exc, path)
         except urllib.error.URLError as exc:
@@ -332,6 +352,19 @@ class RkllamaClient(object):
         """``POST /unload_model``."""
         self._json('POST', '/unload_model')
 
+    @staticmethod
+    def _take(generation, line, at):
+        line = line.strip()
+        if not line:
+            return
+        try:
+            obj = json.loads(line.decode('utf-8', 'replace'))
+        except ValueError:
+            # Keep reading: stopping here would leave the generation running.
+            generation.malformed += 1
+            return
+        generation.add(obj, at)
+
     def generate(self, messages):
         """``POST /generate`` streamed, read to its end. Returns a Generation.
 
@@ -342,11 +375,15 @@ class RkllamaClient(object):
         start = self._clock()
         response = self._request('POST', path, {'messages': messages, 'stream': True})
         generation = Generation()
+        # read1 returns what has arrived (so first-token times are real) and, unlike readline,
+        # raises IncompleteRead when a chunked stream is cut off instead of ending.
+        read = getattr(response, 'read1', None) or response.read
+        pending = b''
         try:
             while True:
                 try:
                     _set_read_timeout(response, self.remaining(path))
-                    line = response.readline()
+                    data = read(65536)
                 except RkllamaTimeout as exc:
                     generation.elapsed = self._clock() - start
                     exc.partial = generation
@@ -358,21 +395,17 @@ class RkllamaClient(object):
                 except (http.client.HTTPException, OSError) as exc:
                     raise RkllamaUnreachable('%s%s: connection lost in the middle of the answer: %s' % (self.url, path, exc),
                                              path, reason=str(exc) or type(exc).__name__)
-                if not line:
+                if not data:
                     break
-                line = line.strip()
-                if not line:
-                    continue
+                pending += data
+                lines = pending.split(b'\n')
+                pending = lines.pop()
                 at = self._clock() - start
-                try:
-                    obj = json.loads(line.decode('utf-8', 'replace'))
-                except ValueError:
-                    # Keep reading: stopping here would leave the generation running.
-                    generation.malformed += 1
-                    continue
-                generation.add(obj, at)
+                for line in lines:
+                    self._take(generation, line, at)
         finally:
             response.close()
+        self._take(generation, pending, self._clock() - start)
         generation.complete = True
         generation.elapsed = self._clock() - start
         if generation.chunks == 0 and generation.malformed:

@@ -312,8 +312,8 @@ class _Gatherer(object):
                     return self._log
                 self._log_tried.append("dmesg: no NPU driver line (the ring buffer may have wrapped)")
             else:
-                reason = (err or out or "exit code %s" % rc).strip().splitlines()[0] if (err or out) else "exit code %s" % rc
-                self._log_tried.append("dmesg: %s" % reason)
+                text = (err or out or "").strip()
+                self._log_tried.append("dmesg: %s" % (text.splitlines()[0] if text else "exit code %s" % rc))
         path = self.fs.path(KERNEL_LOG_FILE)
         try:
             with open(path, "rb") as handle:
@@ -341,6 +341,7 @@ class _Gatherer(object):
     def read_driver_version(self):
         """The vendor driver's version from the first source that gives one."""
         tried = []
+        malformed = []
         for board_path in VERSION_FILES:
             result = self.fs.read(board_path)
             if result.error:
@@ -349,10 +350,14 @@ class _Gatherer(object):
             text = result.data.decode("ascii", "replace").strip()
             version = version_from_text(text)
             if version:
-                if tried and not all(t.endswith(": missing") for t in tried):
-                    self.notes.append("Driver version read from %s (%s)." % (self.fs.shown(board_path), "; ".join(tried)))
+                if malformed:
+                    # Unreadable debugfs is normal for non-root; a file with the wrong content is not.
+                    self.notes.append("The driver version was read from %s because %s." % (
+                        self.fs.shown(board_path), "; ".join(malformed)))
                 return version
-            tried.append("%s: %s" % (self.fs.shown(board_path), "empty" if not text else "no version in it"))
+            why = "empty" if not text else "not a version"
+            malformed.append("%s is %s" % (self.fs.shown(board_path), why))
+            tried.append("%s: %s" % (self.fs.shown(board_path), why))
         log = self.kernel_log()
         if log["version"]:
             return log["version"]

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# Apache License 2.0 (see galaxy.yml)
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import absolute_import, division, print_function
 
@@ -24,7 +24,7 @@ description:
   - O(url) may be a C(file://) URL, and O(mirror) may be a C(file://) directory laid out as C(<host>/<path>);
     this is how air-gapped sites pre-seed artifacts.
 author:
-  - rkllm.fleet developers
+  - rkllm.fleet developers (@rkllm)
 options:
   url:
     description:
@@ -84,7 +84,6 @@ options:
 extends_documentation_fragment:
   - ansible.builtin.files
   - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.files
 attributes:
   check_mode:
     support: full
@@ -93,8 +92,6 @@ attributes:
     support: none
   platform:
     platforms: posix
-  safe_file_operations:
-    support: full
 seealso:
   - module: ansible.builtin.get_url
 notes:
@@ -120,7 +117,7 @@ EXAMPLES = r'''
     sha256: 0000000000000000000000000000000000000000000000000000000000000000
     dest: /var/lib/rkllama/RKLLAMA/models/Qwen2.5-1.5B-Instruct/model.rkllm
 
-- name: Air-gapped: take the file from a directory laid out as <host>/<path>
+- name: On an air-gapped site, take the file from a directory laid out as <host>/<path>
   rkllm.fleet.artifact:
     url: https://github.com/airockchip/rknn-llm/raw/release-v1.2.3/rkllm-runtime/Linux/librkllm_api/aarch64/librkllmrt.so
     git_blob: 0084abc34ab43359cfa9fd5d4c92ece34127dbd0
@@ -276,9 +273,13 @@ def main():
     if module.params['retries'] < 0:
         module.fail_json(msg='retries must be 0 or more.')
     try:
+        used_url = mirror_url(module.params['url'], module.params['mirror'] or '')
+    except ArtifactError:
+        used_url = module.params['url']
+    try:
         result = run(module.params, module.check_mode, log=module.warn if module._verbosity >= 1 else None)
     except ArtifactError as e:
-        module.fail_json(msg=str(e), dest=module.params['dest'], url=module.params['url'])
+        module.fail_json(msg=str(e), dest=module.params['dest'], url=used_url)
 
     if os.path.exists(result['dest']):
         file_args = module.load_file_common_arguments(module.params, path=result['dest'])

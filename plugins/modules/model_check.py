@@ -13,7 +13,7 @@ version_added: 0.1.0
 description:
   - Talks to rkllama's HTTP API (the old routes of the C(jfreed-dev/rkllama) fork) to make sure that O(model) is loaded
     on the board's NPU and generates text, and measures the load time, the time to first token and the tokens per second.
-  - If O(model) is already loaded it is not reloaded (RV(ignore:changed=false)). If no model is loaded, O(model) is loaded
+  - If O(model) is already loaded it is not reloaded (C(changed=false)). If no model is loaded, O(model) is loaded
     and left loaded, ready to serve.
   - rkllama holds one model at a time. If another model holds the NPU, the module fails and names that model, leaving it
     loaded, unless O(replace=true).
@@ -209,8 +209,12 @@ def shorten(text, limit=RESPONSE_MAX_CHARS):
 
 
 def _fmt(value):
-    """Seconds and rates for messages: 3 significant digits are plenty."""
-    return '%.3g' % value if value is not None else '?'
+    """Seconds and rates for messages: 3 significant digits, whole numbers from 100 on."""
+    if value is None:
+        return '?'
+    if abs(value) >= 100:
+        return '%d' % round(value)
+    return '%.3g' % value
 
 
 def _models_sentence(client):
@@ -233,8 +237,8 @@ def describe_lost_server(client, exc, doing):
         return ('The answer from %s while %s is not what rkllama sends (%s): check that url points at rkllama.'
                 % (client.url, doing, exc.message))
     if isinstance(exc, RkllamaTimeout):
-        return ('rkllama at %s did not answer within %s s while %s: it may be busy or hung; see %s.'
-                % (client.url, _fmt(QUICK_ANSWER_SECONDS), doing, LOG_HINT))
+        return ('rkllama at %s gave no answer within %s s while %s: it may be busy or hung; see %s.'
+                % (client.url, _fmt(min(QUICK_ANSWER_SECONDS, client.timeout)), doing, LOG_HINT))
     status = getattr(exc, 'status', None)
     if status in (404, 405):
         return ('%s has no route %s (HTTP %s): check that url points at rkllama (the jfreed-dev fork, port 8080 by default).'
@@ -250,7 +254,7 @@ def describe_unreachable(client, exc):
     if isinstance(exc, RkllamaHTTPError):
         return ('Something answers at %s but GET / returned HTTP %s instead of rkllama\'s greeting: check that url points '
                 'at rkllama (port 8080 by default).' % (client.url, exc.status))
-    return describe_lost_server(client, exc, 'answering its health check GET /')
+    return describe_lost_server(client, exc, 'checking its health (GET /)')
 
 
 def describe_load_failure(client, model, exc):
@@ -262,16 +266,16 @@ def describe_load_failure(client, model, exc):
         return describe_lost_server(client, exc, 'loading %s' % model)
     error = exc.error or ''
     lowered = error.lower()
-    if exc.status == 400 and 'directory' in lowered and 'not found' in lowered:
-        return ('Model %s is not on the board: rkllama has no directory ~/RKLLAMA/models/%s%s.'
-                % (model, model, _models_sentence(client)))
     if exc.status == 400 and 'modelfile not found' in lowered:
         return ('Model %s has no Modelfile: put one with FROM="<file>.rkllm" and HUGGINGFACE_PATH="<org>/<repo>" lines '
                 'in ~/RKLLAMA/models/%s/.' % (model, model))
+    if exc.status == 400 and 'directory' in lowered and 'not found' in lowered:
+        return ('Model %s is not on the board: rkllama has no directory ~/RKLLAMA/models/%s%s.'
+                % (model, model, _models_sentence(client)))
     if exc.status == 400 and ('from' in lowered and 'huggingface_path' in lowered):
         return ('The Modelfile of %s lacks FROM or HUGGINGFACE_PATH: it is read with python-dotenv, so each line must be '
                 'KEY="value" (rkllama said: %s).' % (model, error))
-    if exc.status == 500 or (exc.html and exc.status >= 500):
+    if exc.status == 500:
         return ('rkllama failed to initialise %s (HTTP 500 on /load_model): the RKLLM runtime rejected the model, because it '
                 'was converted for another platform, with a toolkit newer than the runtime, the .rkllm file is corrupt, or '
                 'the NPU is out of memory; the "E rkllm:" line in %s says which.' % (model, LOG_HINT))

@@ -28,9 +28,9 @@ description:
   - It never fails on the host's account and never changes anything. Any host gets an answer (a laptop, a
     Raspberry Pi, a container); missing, unreadable or malformed files become problems when they decide
     whether RKLLM can run, and warnings when they don't.
-  - Run it with C(become=true) on boards whose driver version is only readable through debugfs or dmesg.
+  - "Run it with C(become: true) on boards whose driver version is only readable through debugfs or dmesg."
 author:
-  - rkllm.fleet developers
+  - rkllm.fleet developers (@rkllm)
 options:
   sysroot:
     description:
@@ -44,6 +44,7 @@ options:
       - The oldest vendor rknpu driver the RKLLM runtime works with. RKLLM runtime 1.2.3 needs C(0.9.8);
         below C(0.9.7) models fail to allocate NPU memory.
       - A board with an older driver is reported with RV(ansible_facts.rknpu.supported=false) and a problem.
+      - Numbers separated by dots; anything else fails the task, as it is a mistake in the play, not on the host.
     type: str
     default: 0.9.8
 extends_documentation_fragment:
@@ -83,9 +84,9 @@ EXAMPLES = r"""
   rkllm.fleet.npu_facts:
     sysroot: /lab/sysroot
 
-- name: Require a newer driver than the default
+- name: Require a newer driver than RKLLM runtime 1.2.3 needs
   rkllm.fleet.npu_facts:
-    min_driver_version: 0.9.8
+    min_driver_version: "0.9.10"
 
 - name: Show the board's RKLLM platform
   ansible.builtin.debug:
@@ -134,7 +135,7 @@ ansible_facts:
           returned: always
           type: list
           elements: str
-          sample: [rockchip,rk3588s-orangepi-5, rockchip,rk3588]
+          sample: ["rockchip,rk3588s-orangepi-5", "rockchip,rk3588"]
         npu_cores:
           description: Number of NPU cores of the SoC (3 for rk3588, 2 for rk3576); null for SoCs without an NPU.
           returned: always

@@ -355,3 +355,18 @@ def test_directory_traversal_is_refused(server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("in_git", [True, False])
+def test_stand_in_caches_and_ignored_files_stay_out_of_the_repos(tmp_path, in_git):
+    source = tmp_path / "lab" / "stand-ins" / "rkllama"
+    (source / "pkg" / "__pycache__").mkdir(parents=True)
+    (source / "server.py").write_text("print('hi')\n")
+    (source / "pkg" / "mod.py").write_text("")
+    (source / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    (source / "lab_build.json").write_text('{"version": "dev"}\n')
+    if in_git:
+        (tmp_path / ".gitignore").write_text("*.log\n")
+        (source / "local.log").write_text("noise")
+        subprocess.run(["git", "init", "-q", str(tmp_path)], check=True, env=NO_PROXY_ENV)
+    assert build.source_files(source) == ["pkg/mod.py", "server.py"]

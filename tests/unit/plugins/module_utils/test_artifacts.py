@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -23,7 +24,7 @@ def test_git_blob_id_of_known_bytes():
 
 
 def test_git_blob_id_agrees_with_git(tmp_path):
-    git = subprocess.run(['which', 'git'], stdout=subprocess.PIPE).stdout.strip()
+    git = shutil.which('git')
     if not git:
         pytest.skip('git not installed')
     data = os.urandom(3000) + b'\0\n'

@@ -126,6 +126,14 @@ def test_unreadable_debugfs_falls_back_to_the_kernel_log(board_tree, monkeypatch
     assert notes == []  # the log gave the answer: nothing to warn about
 
 
+def test_debugfs_denied_to_non_root_is_normal_and_not_warned_about(board_tree, monkeypatch):
+    root = board_tree("orangepi5-vendor")  # has /proc/rknpu/version
+    remove(root, "sys/module/rknpu/version")
+    deny(monkeypatch, "debug/rknpu/version")
+    facts, notes = gather(root)
+    assert facts["driver_version"] == "0.9.8" and notes == []
+
+
 def test_no_readable_version_is_a_problem_that_says_run_as_root(board_tree, monkeypatch):
     root = board_tree("rock5b")
     remove(root, "sys/module/rknpu/version")

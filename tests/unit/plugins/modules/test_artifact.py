@@ -79,7 +79,7 @@ def run_module(args, check=False):
         json.dump({'ANSIBLE_MODULE_ARGS': module_args}, f)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, '.cache', 'collections')] + sys.path))
     try:
-        proc = subprocess.run([sys.executable, artifact.__file__, f.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.run([sys.executable, artifact.__file__, f.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False)
     finally:
         os.unlink(f.name)
     return proc.returncode, json.loads(proc.stdout.decode())

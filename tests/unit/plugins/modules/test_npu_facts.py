@@ -121,12 +121,14 @@ def test_module_process_on_the_old_driver_board(board_tree):
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(REPO, ".venv", "bin", "ansible")), reason="needs the project's .venv")
-def test_ansible_runs_it_in_check_mode(board_tree):
+def test_ansible_runs_it_in_check_mode(board_tree, tmp_path):
     """The collection path end to end: ansible packs the module with its module_utils and runs it."""
     root = board_tree("rock4d")
     ansible = os.path.join(REPO, ".venv", "bin", "ansible")
-    env = dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json", ANSIBLE_CALLBACKS_ENABLED="",
-               ANSIBLE_PYTHON_INTERPRETER=sys.executable)
+    config = tmp_path / "ansible.cfg"
+    config.write_text("[defaults]\ncollections_path = %s\nstdout_callback = ansible.builtin.json\n"
+                      % os.path.join(REPO, ".cache", "collections"))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(config), ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_PYTHON_INTERPRETER=sys.executable)
     proc = subprocess.run([ansible, "localhost", "-i", "localhost,", "-c", "local", "--check",
                            "-m", "rkllm.fleet.npu_facts", "-a", json.dumps({"sysroot": root})],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -135,4 +137,3 @@ def test_ansible_runs_it_in_check_mode(board_tree):
     assert task["changed"] is False
     facts = task["ansible_facts"]["rknpu"]
     assert (facts["soc"], facts["platform"], facts["npu_cores"], facts["supported"]) == ("rk3576", "rk3576", 2, True)
-
