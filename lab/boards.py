@@ -1,7 +1,7 @@
 """Simulated Rockchip board hardware for the rkllm.fleet lab.
 
 The one table of real-board facts (BOARDS, built on SOCS) that the lab boards and the unit
-tests' fixture trees are generated from. Sources: /work/shared/REFERENCE.md, "The boards and
+tests' fixture trees are generated from. Sources: the project's REFERENCE.md, "The boards and
 their NPU", and the boards' own device trees and sysfs.
 
     python3 boards.py KIND ROOT [--link-dev]   write KIND's hardware files under ROOT

@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# SPDX-License-Identifier: Apache-2.0
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """HTTP client for rkllama's old API, as served by the jfreed-dev/rkllama fork.
 
 Routes used: ``GET /``, ``GET /current_model``, ``GET /models``, ``POST /load_model``,

@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Read what a Rockchip board's kernel says about its NPU: device tree, rknpu driver, devfreq.
 
 Everything here only reads files (and, for the live root, the kernel ring buffer through a

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# SPDX-License-Identifier: Apache-2.0
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -449,7 +449,8 @@ def main():
             model=dict(type='str', required=True),
             prompt=dict(type='str', default=DEFAULT_PROMPT),
             timeout=dict(type='float', default=600.0),
-            min_tokens_per_second=dict(type='float'),
+            # A speed floor, not a secret: tells validate-modules the 'token' in its name is no credential.
+            min_tokens_per_second=dict(type='float', no_log=False),
             replace=dict(type='bool', default=False),
         ),
         supports_check_mode=True,

@@ -46,19 +46,19 @@ def elf64_header(data):
 
 def dynamic_symbols(data):
     """Defined global/weak function and object symbols of .dynsym, parsed from the section headers."""
-    _, _, shoff, shentsize, shnum = elf64_header(data)
+    shoff, shentsize, shnum = elf64_header(data)[2:]
     sections = []
     for i in range(shnum):
-        (_name, sh_type, _flags, _addr, sh_offset, sh_size, sh_link, _info, _align,
-         sh_entsize) = struct.unpack_from('<IIQQQQIIQQ', data, shoff + i * shentsize)
-        sections.append((sh_type, sh_offset, sh_size, sh_link, sh_entsize))
+        fields = struct.unpack_from('<IIQQQQIIQQ', data, shoff + i * shentsize)
+        # sh_type, sh_offset, sh_size, sh_link, sh_entsize
+        sections.append((fields[1], fields[4], fields[5], fields[6], fields[9]))
     dynsym = [s for s in sections if s[0] == 11]  # SHT_DYNSYM
     assert len(dynsym) == 1, 'expected exactly one .dynsym section'
-    _, offset, size, link, entsize = dynsym[0]
+    offset, size, link, entsize = dynsym[0][1:]
     strtab_offset = sections[link][1]
     names = {}
     for off in range(offset, offset + size, entsize):
-        st_name, st_info, _other, st_shndx = struct.unpack_from('<IBBH', data, off)
+        st_name, st_info, st_shndx = (struct.unpack_from('<IBBH', data, off)[i] for i in (0, 1, 3))
         bind, kind = st_info >> 4, st_info & 0xf
         if st_shndx == 0 or bind not in (1, 2) or kind not in (1, 2):  # undefined, local, or not FUNC/OBJECT
             continue
@@ -69,7 +69,7 @@ def dynamic_symbols(data):
 
 @pytest.mark.parametrize('version,arch', BUILDS)
 def test_built_library_is_a_shared_object_for_its_arch(version, arch):
-    e_type, e_machine, _, _, _ = elf64_header(read(built(version, arch)))
+    e_type, e_machine = elf64_header(read(built(version, arch)))[:2]
     assert e_type == 3, 'ET_DYN expected (shared object)'
     assert e_machine == ARCHES[arch]
 

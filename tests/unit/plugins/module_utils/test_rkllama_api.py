@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# SPDX-License-Identifier: Apache-2.0
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Tests for plugins/module_utils/rkllama_api.py against a fake of rkllama's old API.
 
 ``FakeRkllama`` (also used by the model_check tests) answers like the jfreed-dev fork's

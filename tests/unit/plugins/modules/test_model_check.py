@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: rkllm.fleet developers
-# SPDX-License-Identifier: Apache-2.0
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Tests for the rkllm.fleet.model_check module against a fake of rkllama's old API.
 
 The fake (FakeRkllama, in tests/unit/plugins/module_utils/test_rkllama_api.py) answers like
