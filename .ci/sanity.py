@@ -66,9 +66,23 @@ def copy_collection():
             shutil.copy(src, os.path.join(DEST, name))
     # tests/lab exercises the lab stand-ins (not shipped); keep sanity to the collection's code.
     shutil.rmtree(os.path.join(DEST, "tests", "lab"), ignore_errors=True)
+    # The copy lives inside this checkout's (ignored) .cache, so ansible-test would ask the outer
+    # git repository for its file list and find nothing: give the copy a repository of its own.
+    subprocess.run(["git", "init", "-q"], cwd=DEST, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=DEST, check=True)
+
+
+def ensure_shellcheck():
+    """ansible-test skips its shellcheck test without the tool: install it where we can."""
+    if shutil.which("shellcheck") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "shellcheck"], env=env, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main():
+    ensure_shellcheck()
     place_bootstrap()
     copy_collection()
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"

@@ -218,7 +218,7 @@ def _fmt(value):
 
 
 def _models_sentence(client):
-    """', and rkllama has: a, b' from GET /models, or '' when that fails too."""
+    """' (GET /models lists: a, b)', or '' when that request fails too."""
     try:
         models = client.list_models()
     except RkllamaError:
@@ -270,8 +270,8 @@ def describe_load_failure(client, model, exc):
         return ('Model %s has no Modelfile: put one with FROM="<file>.rkllm" and HUGGINGFACE_PATH="<org>/<repo>" lines '
                 'in ~/RKLLAMA/models/%s/.' % (model, model))
     if exc.status == 400 and 'directory' in lowered and 'not found' in lowered:
-        return ('Model %s is not on the board: rkllama has no directory ~/RKLLAMA/models/%s%s.'
-                % (model, model, _models_sentence(client)))
+        return ('Model %s is not on the board: rkllama has no directory ~/RKLLAMA/models/%s%s; check the name or put the '
+                'model on the board (the rkllama role installs its model catalog).' % (model, model, _models_sentence(client)))
     if exc.status == 400 and ('from' in lowered and 'huggingface_path' in lowered):
         return ('The Modelfile of %s lacks FROM or HUGGINGFACE_PATH: it is read with python-dotenv, so each line must be '
                 'KEY="value" (rkllama said: %s).' % (model, error))
@@ -419,7 +419,8 @@ def check_model(client, model, prompt=DEFAULT_PROMPT, replace=False, min_tokens_
         except RkllamaError as exc:
             raise CheckFailed(describe_lost_server(client, exc, 'listing its models'), result)
         if model not in available:
-            raise CheckFailed('Model %s is not on the board: rkllama has no directory ~/RKLLAMA/models/%s (GET /models lists: %s).'
+            raise CheckFailed('Model %s is not on the board: rkllama has no directory ~/RKLLAMA/models/%s (GET /models lists: %s); '
+                              'check the name or put the model on the board (the rkllama role installs its model catalog).'
                               % (model, model, ', '.join(available) or 'none'), result)
         result['changed'] = True
         if current:
