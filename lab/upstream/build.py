@@ -386,14 +386,12 @@ def source_files(source: Path) -> list:
 def _walk_files(source: Path) -> list:
     found = []
     for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_NAMES and not d.endswith(".egg-info"))
+        dirnames[:] = sorted(d for d in dirnames if not _excluded(d))
         for name in sorted(filenames):
-            if name in EXCLUDED_NAMES or name.endswith(EXCLUDED_SUFFIXES):
-                continue
             path = Path(dirpath, name)
-            if path.is_symlink() or not path.is_file():
-                continue
-            found.append(path.relative_to(source).as_posix())
+            rel = path.relative_to(source).as_posix()
+            if not _excluded(rel) and not path.is_symlink() and path.is_file():
+                found.append(rel)
     return sorted(found)
 
 
