@@ -1,0 +1,1 @@
+"""exo-rkllama lab stand-in (rkllm.fleet lab only)."""

@@ -1,0 +1,113 @@
+"""The lab runtime: loads ~/RKLLAMA/lib/librkllmrt.so like the fork and checks models like RKLLM.
+
+rkllm.fleet lab stand-in. The shared object is loaded with ctypes at import time (as the fork
+does), so a missing library or one built for another architecture stops the server before it
+starts. Model files are lab models: line 1 `RKLLM-LAB-MODEL 1`, line 2 a JSON header, filler,
+and the SHA-256 of everything before it as the last 32 bytes.
+"""
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+
+from src import hardware
+
+LIB_PATH = os.path.expanduser("~/RKLLAMA/lib/librkllmrt.so")
+LIB = ctypes.CDLL(LIB_PATH)
+
+
+def _runtime_version():
+    with open(LIB_PATH, "rb") as f:
+        match = re.search(rb"rkllm-runtime version: ([0-9]+\.[0-9]+\.[0-9]+)", f.read())
+    return match.group(1).decode() if match else "unknown"
+
+
+RUNTIME_VERSION = _runtime_version()
+
+
+def log(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def _vtuple(text):
+    return tuple(int(p) for p in re.findall(r"[0-9]+", text)[:3])
+
+
+class RuntimeInitError(RuntimeError):
+    """What rkllm_init's failure looks like from Python."""
+
+
+def read_model(path):
+    """Validate a lab .rkllm file the way the runtime would; return its header."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise RuntimeInitError(f"E rkllm: failed to open model file {path}: {exc.strerror}") from exc
+    body, digest = data[:-32], data[-32:]
+    lines = body.split(b"\n", 2)
+    if len(data) < 64 or lines[0] != b"RKLLM-LAB-MODEL 1" or hashlib.sha256(body).digest() != digest:
+        raise RuntimeInitError("E rkllm: invalid rkllm model!")
+    try:
+        header = json.loads(lines[1])
+    except ValueError as exc:
+        raise RuntimeInitError("E rkllm: invalid rkllm model!") from exc
+    return header
+
+
+class Model:
+    """One model loaded on the (simulated) NPU."""
+
+    def __init__(self, path, max_new_tokens, temperature, fault=None):
+        board = hardware.platform()
+        log(f"I rkllm: rkllm-runtime version: {RUNTIME_VERSION}, rknpu driver version: {hardware.driver_version()}, "
+            f"platform: {(board or 'unknown').upper()}")
+        if fault == "load_fails":
+            log("E RKNN: failed to malloc npu memory")
+            log("E rkllm: rkllm_init failed")
+            raise RuntimeInitError("rkllm_init failed")
+        header = read_model(path)
+        if _vtuple(header.get("toolkit_version", "0")) > _vtuple(RUNTIME_VERSION):
+            log("E rkllm: invalid rkllm model!")
+            raise RuntimeInitError(f"model converted with rkllm-toolkit {header.get('toolkit_version')} is newer than "
+                                   f"runtime {RUNTIME_VERSION}")
+        if header.get("platform") != board:
+            log(f"E rkllm: the model is for {str(header.get('platform')).upper()} but this is {(board or 'unknown').upper()}")
+            log("E rkllm: rkllm_init failed")
+            raise RuntimeInitError("rkllm_init failed")
+        log(f"I rkllm: rkllm-toolkit version: {header.get('toolkit_version')}, max_context_limit: {header.get('max_context')}, "
+            f"npu_core_num: {3 if board == 'rk3588' else 2}, target_platform: {board.upper()}, model_dtype: {header.get('dtype')}")
+        self.name = header.get("model", "model")
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.rate = float(os.environ.get("RKLLM_LAB_TOKENS_PER_SECOND", "8"))
+        self.answer_tokens = int(os.environ.get("RKLLM_LAB_ANSWER_TOKENS", "24"))
+        # Like the fork's global text buffer: what a generation produces and nobody read yet.
+        self.pending = []
+        self.lock = threading.Lock()
+        self.running = None
+
+    def run(self, prompt_tokens):
+        """Generate into self.pending at the configured rate; runs to its end."""
+        count = min(self.answer_tokens, self.max_new_tokens)
+        words = ["The", " NPU", " on", " this", " board", " answers", " one", " request", " at", " a", " time", "."]
+        for i in range(count):
+            time.sleep(1.0 / self.rate if self.rate > 0 else 0)
+            with self.lock:
+                self.pending.append(words[i % len(words)] if i < count - 1 else " Done.")
+        del prompt_tokens
+
+    def start(self, prompt_tokens):
+        self.running = threading.Thread(target=self.run, args=(prompt_tokens,), daemon=True)
+        self.running.start()
+        return self.running
+
+    def take(self):
+        with self.lock:
+            out, self.pending = self.pending, []
+        return out
