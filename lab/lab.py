@@ -343,35 +343,52 @@ def down():
     if os.path.isdir(STATE):
         say(f"Removing {os.path.relpath(STATE, ROOT)}")
         shutil.rmtree(STATE)
-    for facts in glob.glob(os.path.join(ROOT, ".cache", "facts", f"{PREFIX}*")):
+    for facts in glob.glob(os.path.join(ROOT, ".cache", "facts", f"*{PREFIX}*")):
         os.remove(facts)
     say("Lab removed")
 
 
-def http_json(url, timeout=5):
+def http_status(url, timeout=5):
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # nosec: loopback only
-            return resp.status, json.loads(resp.read() or b"null")
-    except Exception as exc:  # pylint: disable=broad-except
-        return None, str(exc)
+            return resp.status
+    except (OSError, ValueError):
+        return None
+
+
+def untag(value):
+    """Drop ansible-core 2.19's serialised data tags ({"value": ..., "__ansible_type": ...})."""
+    if isinstance(value, dict):
+        if "__ansible_type" in value and "value" in value:
+            return untag(value["value"])
+        return {k: untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [untag(v) for v in value]
+    return value
 
 
 def cached_facts(host):
-    path = os.path.join(ROOT, ".cache", "facts", host)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    """The facts ansible-playbook cached for host (ansible.cfg: jsonfile in .cache/facts)."""
+    # ansible-core 2.19 prefixes cache files with its serialisation version (s1_<host>).
+    for path in sorted(glob.glob(os.path.join(ROOT, ".cache", "facts", f"*{host}")), reverse=True):
+        if os.path.basename(path) in (host, f"s1_{host}") or os.path.basename(path).endswith(f"_{host}"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                payload = data.get("__payload__", data) if isinstance(data, dict) else {}
+                return untag(json.loads(payload) if isinstance(payload, str) else payload)
+            except (OSError, ValueError):
+                continue
+    return {}
 
 
 def status(inventory):
     gw = os.environ.get("LAB_GATEWAY_PORT", "18080")
     prom = os.environ.get("LAB_PROMETHEUS_PORT", "19090")
-    code, _ = http_json(f"http://127.0.0.1:{gw}/healthz")
+    code = http_status(f"http://127.0.0.1:{gw}/healthz")
     print()
     print(f"Gateway (OpenAI-compatible): http://127.0.0.1:{gw}/v1/chat/completions   /healthz: {code or 'not answering'}")
-    code, _ = http_json(f"http://127.0.0.1:{prom}/-/healthy")
+    code = http_status(f"http://127.0.0.1:{prom}/-/healthy")
     print(f"Prometheus:                  http://127.0.0.1:{prom}/   /-/healthy: {code or 'not answering'}")
     print()
     for member in load_inventory(inventory):

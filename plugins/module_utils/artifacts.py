@@ -167,16 +167,32 @@ class TransientError(Exception):
     """A download failure worth another try (connection, timeout, 5xx, short read)."""
 
 
-def download_to(opener, url, dirpath, timeout, prefix='.artifact-'):
+class IdentityMismatch(ArtifactError):
+    """The downloaded bytes do not have the pinned identity (corrupt copy or wrong pin)."""
+
+
+# Sent on the one re-download after a mirror served bytes with the wrong identity: a caching
+# mirror (the gateway's, proxy_cache_bypass $http_x_rkllm_refresh) fetches the file from its
+# upstream again and replaces its cached copy, so a corrupt answer does not stay cached.
+REFRESH_HEADERS = {'Cache-Control': 'no-cache', 'X-Rkllm-Refresh': '1'}
+
+
+def refreshable(url):
+    """Whether a mirror URL can be asked to refetch a file (http(s); a file:// tree cannot)."""
+    return urlsplit(url).scheme in ('http', 'https')
+
+
+def download_to(opener, url, dirpath, timeout, prefix='.artifact-', headers=None):
     """Stream ``url`` into a new temporary file in ``dirpath``; return its path.
 
     ``opener(url, timeout)`` returns a response object with ``read(n)`` and, optionally,
-    ``headers``. The temporary file is removed when anything goes wrong.
+    ``headers``; with ``headers`` set it is called as ``opener(url, timeout, headers=headers)``.
+    The temporary file is removed when anything goes wrong.
     """
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.part', dir=dirpath)
     try:
         with os.fdopen(fd, 'wb') as out:
-            resp = opener(url, timeout)
+            resp = opener(url, timeout, headers=headers) if headers else opener(url, timeout)
             expected = None
             headers = getattr(resp, 'headers', None)
             if headers is not None and headers.get('Content-Length'):
@@ -211,11 +227,13 @@ def _unlink(path):
         pass
 
 
-def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=60, delay=1.0, sleep=time.sleep, log=None):
+def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=60, delay=1.0, sleep=time.sleep, log=None,
+                   headers=None):
     """Download ``url`` next to ``dest``, verify identity and ELF machine; return ``(tmp_path, ids, attempts)``.
 
     Transient failures are retried ``retries`` times with a growing delay. A wrong identity or
-    machine is not retried (the origin serves those bytes) and raises ArtifactError. The caller
+    machine is not retried here (the origin serves those bytes) and raises ArtifactError
+    (IdentityMismatch for a wrong identity). ``headers`` are sent with every request. The caller
     moves ``tmp_path`` onto ``dest`` (``place``); ``dest`` itself is never touched here.
     """
     dirpath = os.path.dirname(os.path.abspath(dest))
@@ -226,7 +244,7 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
     while True:
         attempts += 1
         try:
-            tmp = download_to(opener, url, dirpath, timeout)
+            tmp = download_to(opener, url, dirpath, timeout, headers=headers)
             break
         except TransientError as e:
             last = str(e)
@@ -240,7 +258,7 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
     try:
         ids = identities_of_file(tmp)
         if not matches(ids, kind, value):
-            raise ArtifactError('The file downloaded from %s has %s, but %s was expected; %s was left untouched. '
+            raise IdentityMismatch('The file downloaded from %s has %s, but %s was expected; %s was left untouched. '
                                 'The download is corrupt or the pinned identity is wrong: check the mirror copy, or pin the '
                                 'identity the origin publishes.'
                                 % (url, describe(kind, ids[kind]), describe(kind, value), dest))

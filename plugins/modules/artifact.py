@@ -58,6 +58,9 @@ options:
     description:
       - Base URL of a site mirror. C(scheme://host/path) is fetched as C(<mirror>/host/path).
       - Empty means fetch from the origin.
+      - When an C(http(s)) mirror serves bytes without the pinned identity, the file is downloaded once more with the
+        request headers C(Cache-Control: no-cache) and C(X-Rkllm-Refresh: 1), which make a caching mirror (the gateway's)
+        fetch it from its upstream again and replace its cached copy. If that copy is wrong too, the task fails.
     type: str
     default: ''
   retries:
@@ -157,7 +160,7 @@ downloaded:
   type: bool
   sample: true
 attempts:
-  description: Download attempts made (0 when nothing was downloaded).
+  description: Download attempts made (0 when nothing was downloaded), the refresh from a mirror included.
   returned: always
   type: int
   sample: 1
@@ -178,7 +181,9 @@ from ansible.module_utils.six.moves.urllib.parse import unquote, urlsplit
 from ansible.module_utils.urls import open_url
 
 from ansible_collections.rkllm.fleet.plugins.module_utils.artifacts import (
+    REFRESH_HEADERS,
     ArtifactError,
+    IdentityMismatch,
     TransientError,
     dest_state,
     elf_machine_of_file,
@@ -186,13 +191,14 @@ from ansible_collections.rkllm.fleet.plugins.module_utils.artifacts import (
     mirror_url,
     normalize_identity,
     place,
+    refreshable,
 )
 
 
 def make_opener(validate_certs=True):
     """Return ``opener(url, timeout)`` that maps transport failures to TransientError."""
 
-    def opener(url, timeout):
+    def opener(url, timeout, headers=None):
         parts = urlsplit(url)
         if parts.scheme == 'file':
             path = unquote(parts.path)
@@ -204,7 +210,7 @@ def make_opener(validate_certs=True):
             raise ArtifactError('Unsupported URL scheme in %s; use http, https or file.' % url)
         try:
             return open_url(url, timeout=timeout, validate_certs=validate_certs, follow_redirects='safe',
-                            http_agent='rkllm.fleet-artifact')
+                            http_agent='rkllm.fleet-artifact', headers=headers)
         except HTTPError as e:
             if e.code >= 500 or e.code in (408, 429):
                 raise TransientError('HTTP %d %s' % (e.code, to_native(e.reason)))
@@ -236,12 +242,24 @@ def run(params, check_mode, opener=None, sleep=None, log=None):
     if check_mode:
         return result
 
-    kwargs = {}
+    kwargs = {'elf': elf, 'retries': params.get('retries', 3), 'timeout': params.get('timeout', 60),
+              'delay': params.get('retry_delay', 1.0), 'log': log}
     if sleep is not None:
         kwargs['sleep'] = sleep
-    tmp, ids, attempts = fetch_verified(opener or make_opener(params.get('validate_certs', True)), url, dest, kind, value, elf=elf,
-                                        retries=params.get('retries', 3), timeout=params.get('timeout', 60),
-                                        delay=params.get('retry_delay', 1.0), log=log, **kwargs)
+    opener = opener or make_opener(params.get('validate_certs', True))
+    try:
+        tmp, ids, attempts = fetch_verified(opener, url, dest, kind, value, **kwargs)
+    except IdentityMismatch as e:
+        if not (params.get('mirror') and refreshable(url)):
+            raise
+        # The mirror may hold a corrupt copy (a bad upstream answer it cached): ask it to refetch once.
+        if log:
+            log('%s; asking the mirror to fetch %s from its upstream again' % (e, url))
+        try:
+            tmp, ids, attempts = fetch_verified(opener, url, dest, kind, value, headers=REFRESH_HEADERS, **kwargs)
+        except IdentityMismatch as again:
+            raise IdentityMismatch('%s (The mirror was asked to fetch it from its upstream again; the new copy is wrong too.)' % again)
+        attempts += 1
     place(tmp, dest, mode=0o644)
     result.update(ids)
     result['downloaded'] = True

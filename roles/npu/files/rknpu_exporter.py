@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: rkllm.fleet contributors
 # SPDX-License-Identifier: Apache-2.0
 """Export a Rockchip NPU's load, frequency and driver as Prometheus metrics.

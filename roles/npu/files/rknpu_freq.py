@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright: rkllm.fleet contributors
 # SPDX-License-Identifier: Apache-2.0
 """Pin a Rockchip board's NPU, CPU and DDR to their maximum frequency, and undo it.
@@ -7,9 +6,9 @@ What Rockchip's fix_freq_rk3588.sh / fix_freq_rk3576.sh do for benchmarks (the
 userspace governor at the highest available frequency), made idempotent and
 reversible:
 
-    rknpu-freq pin      record each domain's governor (once), then pin it to its maximum
-    rknpu-freq restore  put the recorded governors back (rknpu_ondemand, schedutil, ...)
-    rknpu-freq status   print every domain's governor and frequency
+    python3 rknpu_freq.py pin      record each domain's governor (once), then pin it to its maximum
+    python3 rknpu_freq.py restore  put the recorded governors back (rknpu_ondemand, schedutil, ...)
+    python3 rknpu_freq.py status   print every domain's governor and frequency
 
 Every command prints one JSON object: {"changed": bool, "domains": [...]};
 --dry-run reports what would change without writing. Exit status 1 with a message

@@ -34,6 +34,9 @@ class Upstream(http.server.ThreadingHTTPServer):
         self.files = {}
         self.failures = {}
         self.gets = []
+        # What a caching mirror answers after refetching from its upstream (request with X-Rkllm-Refresh).
+        self.refreshed = {}
+        self.refresh_requests = []
 
     @property
     def mirror(self):
@@ -48,6 +51,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(503, 'busy')
             return
         data = self.server.files.get(self.path)
+        if self.headers.get('X-Rkllm-Refresh') == '1':
+            self.server.refresh_requests.append((self.path, self.headers.get('Cache-Control')))
+            data = self.server.refreshed.get(self.path, data)
         if data is None:
             self.send_error(404)
             return
@@ -199,3 +205,44 @@ def test_existing_file_with_the_identity_of_another_architecture_is_refused(dest
 def test_two_identities_are_refused(dest):
     rc, result = run_module({'url': ORIGIN, 'dest': str(dest), 'git_blob': 'e' * 40, 'sha256': '0' * 64})
     assert rc == 1 and 'mutually exclusive' in result['msg']
+
+
+def test_corrupt_copy_on_the_mirror_is_refreshed_once_and_then_placed(upstream, dest):
+    good = read(LIB)
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2] ^= 0xff
+    upstream.files[PATH] = bytes(corrupt)
+    upstream.refreshed[PATH] = good
+    rc, result = run_module({'url': ORIGIN, 'mirror': upstream.mirror, 'dest': str(dest), 'git_blob': git_blob_id(good)})
+    assert rc == 0, result
+    assert result['changed'] is True and result['downloaded'] is True and result['attempts'] == 2
+    assert dest.read_bytes() == good
+    assert upstream.gets == [PATH, PATH]
+    assert upstream.refresh_requests == [(PATH, 'no-cache')], 'only the second request asks the mirror to refetch'
+    assert os.listdir(str(dest.parent)) == ['librkllmrt.so']
+
+
+def test_mirror_that_stays_corrupt_after_the_refresh_fails_and_keeps_the_working_file(upstream, dest):
+    good = read(LIB)
+    dest.write_bytes(good)
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2] ^= 0xff
+    upstream.files[PATH] = bytes(corrupt)
+    before = os.stat(str(dest))
+    rc, result = run_module({'url': ORIGIN, 'mirror': upstream.mirror, 'dest': str(dest),
+                             'sha256': hashlib.sha256(b'the 1.2.4 build').hexdigest()})
+    assert rc == 1 and result['failed']
+    assert 'left untouched' in result['msg'] and hashlib.sha256(bytes(corrupt)).hexdigest() in result['msg']
+    assert 'fetch it from its upstream again' in result['msg']
+    assert upstream.gets == [PATH, PATH] and len(upstream.refresh_requests) == 1, 'exactly one refresh, no loop'
+    assert dest.read_bytes() == good and os.stat(str(dest)).st_ino == before.st_ino
+    assert os.listdir(str(dest.parent)) == ['librkllmrt.so']
+
+
+def test_wrong_bytes_from_the_origin_are_not_refetched(upstream, dest):
+    """Without a mirror there is no cache to refresh: one download, then the usual failure."""
+    upstream.files[PATH] = b'not the library'
+    rc, result = run_module({'url': upstream.mirror + PATH, 'dest': str(dest), 'git_blob': git_blob_id(read(LIB))})
+    assert rc == 1 and 'left untouched' in result['msg'] and 'upstream again' not in result['msg']
+    assert upstream.gets == [PATH] and upstream.refresh_requests == []
+    assert not dest.exists()
