@@ -49,7 +49,7 @@ options:
     required: true
   api_key:
     description:
-      - Sent as C(Authorization: Bearer <api_key>). Unset, no Authorization header is sent.
+      - 'Sent as C(Authorization: Bearer <api_key>). Unset, no Authorization header is sent.'
     type: str
   concurrency:
     description:
@@ -70,7 +70,7 @@ options:
   stop_file:
     description:
       - Keep sending until this path exists on the host the module runs on and at least O(requests) were sent.
-      - Meant for a load run with C(async) and C(poll: 0) during an upgrade, stopped by creating the file afterwards.
+      - 'Meant for a load run with C(async) and C(poll: 0) during an upgrade, stopped by creating the file afterwards.'
     type: path
   stream:
     description:
@@ -518,7 +518,7 @@ def argument_spec():
         stop_file=dict(type="path"),
         stream=dict(type="bool", default=True),
         prompt=dict(type="str", default="Answer in one short sentence: what is the capital of France?"),
-        max_tokens=dict(type="int"),
+        max_tokens=dict(type="int", no_log=False),
         timeout=dict(type="float", default=300),
         validate_certs=dict(type="bool", default=True),
         record_file=dict(type="path"),

@@ -82,6 +82,12 @@ class Engine:
             return False
 
     def ensure_model(self, name):
+        # The fork's engine checks rkllama's health before loading and fails the request with this text.
+        up = self.up()
+        metrics.set_gauge("rkllm_server_up", 1 if up else 0)
+        if not up:
+            raise ConnectionError(f"RKLLM server not available at {self.base}. Please start the rkllama server with: "
+                                  f"python server.py --target_platform rk3588 --port {self.base.rsplit(':', 1)[1]}")
         try:
             with self._call("GET", "/current_model") as resp:
                 current = json.load(resp).get("model_name")
