@@ -337,15 +337,35 @@ def read_stream(response, endpoint, started, deadline):
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             usage_tokens = usage["completion_tokens"]
         for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                # exo-rkllama ends its streams with the chunk that carries a finish_reason and no
+                # [DONE] line; OpenAI sends [DONE] as well. Either marks a complete answer.
+                done = True
             if isinstance(choice, dict) and _content_of(choice.get("delta")):
                 chunks_with_content += 1
                 if ttft is None:
                     ttft = time.time() - started
     if not done:
-        raise RequestFailed("Stream from %s ended without data: [DONE]." % endpoint)
+        raise RequestFailed("Stream from %s ended before its last chunk (no finish_reason, no data: [DONE])." % endpoint)
     if chunks_with_content == 0:
         raise RequestFailed("Empty answer from %s: the stream carried no content." % endpoint)
     return {"tokens": usage_tokens if usage_tokens is not None else chunks_with_content, "ttft": ttft}
+
+
+def error_detail(text):
+    """The message of an error body: OpenAI's {"error": {"message"}}, exo's {"detail"}, else the text itself."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:200]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return to_native(error["message"])
+        for value in (error, body.get("detail"), body.get("message")):
+            if isinstance(value, str) and value:
+                return value
+    return text.strip()[:200]
 
 
 def board_of(response):
@@ -373,11 +393,7 @@ def one_request(params, body, run_deadline):
         record["status"] = response.status
         record["board"] = board_of(response)
         if not 200 <= response.status < 300:
-            text = response.read(2048).decode("utf-8", "replace")
-            try:
-                detail = json.loads(text)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                detail = response.reason or text.strip()[:200]
+            detail = error_detail(response.read(4096).decode("utf-8", "replace")) or response.reason
             raise RequestFailed("HTTP %s from %s: %s" % (response.status, endpoint, detail))
         if params["stream"]:
             result = read_stream(response, endpoint, started, deadline)

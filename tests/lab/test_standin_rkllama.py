@@ -1,7 +1,14 @@
-"""The rkllama lab stand-in behaves like the fork (run as a subprocess on 127.0.0.1)."""
+"""The rkllama lab stand-in answers and fails like the fork (jfreed-dev/rkllama at 1d8d210).
+
+Each test runs server.py as a subprocess on a free 127.0.0.1 port, with a temporary HOME
+(~/RKLLAMA with the lab runtime library and lab models, a warm Hugging Face cache) and a
+temporary sysroot written by lab/boards.py.
+"""
 import hashlib
+import importlib.util
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -15,156 +22,403 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "lab" / "stand-ins" / "rkllama"
-EXO = ROOT / "lab" / "stand-ins" / "exo"
-PY312 = shutil.which("python3.12") and "/root/.pyenv/versions/3.12.1/bin/python"
+RUNTIME = ROOT / "lab" / "runtime" / "dist" / "1.2.3"
+QWEN = "Qwen2.5-1.5B-Instruct"
+QWEN_TOKENIZER = "Qwen/Qwen2.5-1.5B-Instruct"
+HI = [{"role": "user", "content": "hi"}]
+# The stand-in's answer at the default RKLLM_LAB_ANSWER_TOKENS (24).
+ANSWER = "The NPU on this board answers one request at a time." + "The NPU on this board answers one request at a time Done."
 
 
-def _port():
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+boards = _load("rkllm_lab_boards_standin", ROOT / "lab" / "boards.py")
+upstream = _load("rkllm_lab_upstream_standin", ROOT / "lab" / "upstream" / "build.py")
+
+
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _model(path, platform="rk3588", toolkit="1.1.4", corrupt=False):
-    body = b"RKLLM-LAB-MODEL 1\n" + json.dumps({"model": "Q", "platform": platform, "toolkit_version": toolkit,
-                                                "dtype": "W8A8", "max_context": 4096}).encode() + b"\n" + b"x" * 64
-    digest = hashlib.sha256(body).digest()
-    path.write_bytes(body + (b"\0" * 32 if corrupt else digest))
+def lab_model(platform="rk3588", toolkit=None):
+    """A lab .rkllm file: the builder's for the defaults, else one with another toolkit version."""
+    if toolkit is None:
+        return upstream.model_file(QWEN, platform)
+    body = upstream.MODEL_MAGIC + json.dumps({"model": QWEN, "platform": platform, "toolkit_version": toolkit,
+                                              "dtype": "W8A8", "max_context": 4096}).encode() + b"\n" + b"x" * 256
+    return body + hashlib.sha256(body).digest()
 
 
-@pytest.fixture()
-def home(tmp_path):
-    lib = tmp_path / "home" / "RKLLAMA" / "lib"
+def add_model(home, name, data=None, modelfile=None):
+    d = home / "RKLLAMA" / "models" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "m.rkllm").write_bytes(lab_model() if data is None else data)
+    (d / "Modelfile").write_text(modelfile if modelfile is not None
+                                 else f'FROM="m.rkllm"\nHUGGINGFACE_PATH="{QWEN_TOKENIZER}"\n')
+    return d
+
+
+def add_tokenizer(home, repo):
+    snap = home / ".cache" / "huggingface" / "hub" / ("models--" + repo.replace("/", "--"))
+    rev = upstream.lab_revision(repo)
+    (snap / "refs").mkdir(parents=True, exist_ok=True)
+    (snap / "refs" / "main").write_text(rev)
+    (snap / "snapshots" / rev).mkdir(parents=True, exist_ok=True)
+    for name, data in upstream.tokenizer_files(repo).items():
+        (snap / "snapshots" / rev / name).write_bytes(data)
+
+
+def make_lab(tmp, board="orangepi5-vendor", arch="x86_64"):
+    """HOME with ~/RKLLAMA (library, models Qwen2.5-1.5B-Instruct and DeepSeek-R1-1.5B) and a sysroot."""
+    home = tmp / "home"
+    lib = home / "RKLLAMA" / "lib"
     lib.mkdir(parents=True)
-    (tmp_path / "l.c").write_text('const char v[]="rkllm-runtime version: 1.2.3";int rkllm_init(void){return 0;}\n')
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib / "librkllmrt.so"), str(tmp_path / "l.c")], check=True)
-    dt = tmp_path / "sys" / "proc" / "device-tree"
-    dt.mkdir(parents=True)
-    (dt / "compatible").write_bytes(b"rockchip,rk3588s-orangepi-5\0rockchip,rk3588\0")
-    drv = tmp_path / "sys" / "sys" / "module" / "rknpu"
-    drv.mkdir(parents=True)
-    (drv / "version").write_text("0.9.8\n")
-    for name, kw in {"Q": {}, "Bad": {"corrupt": True}, "Other": {"platform": "rk3576"}, "New": {"toolkit": "1.3.0"}}.items():
-        d = tmp_path / "home" / "RKLLAMA" / "models" / name
-        d.mkdir(parents=True)
-        _model(d / "q.rkllm", **kw)
-        (d / "Modelfile").write_text('FROM="q.rkllm"\nHUGGINGFACE_PATH="Qwen/Q"\n')
-    snap = tmp_path / "home" / ".cache" / "huggingface" / "hub" / "models--Qwen--Q"
-    (snap / "refs").mkdir(parents=True)
-    (snap / "refs" / "main").write_text("abc")
-    (snap / "snapshots" / "abc").mkdir(parents=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (snap / "snapshots" / "abc" / f).write_text("{}")
-    return tmp_path
+    shutil.copy(RUNTIME / arch / "librkllmrt.so", lib / "librkllmrt.so")
+    add_model(home, QWEN)
+    add_model(home, "DeepSeek-R1-1.5B", upstream.model_file("DeepSeek-R1-1.5B", "rk3588"),
+              'FROM="m.rkllm"\nHUGGINGFACE_PATH="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"\nMAX_NEW_TOKENS="8192"\n')
+    add_tokenizer(home, QWEN_TOKENIZER)
+    add_tokenizer(home, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    boards.build(board, str(tmp / "sys"))
+    return home
 
 
-def _start(tmp, **env):
-    port = _port()
-    e = dict(os.environ, HOME=str(tmp / "home"), RKLLM_LAB_SYSROOT=str(tmp / "sys"), RKLLM_LAB_NOFILE_DEMAND="16384",
-             RKLLM_LAB_TOKENS_PER_SECOND="400", HF_HUB_OFFLINE="1")
-    e.update(env)
-    proc = subprocess.Popen([sys.executable, "server.py", "--port", str(port)], cwd=SRC, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for _ in range(100):
-        if proc.poll() is not None:
-            return proc, None
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    return proc, None
+class Server:
+    """server.py running as a subprocess; .log holds its output once stopped."""
 
-
-def _call(url, path, body=None):
-    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-@pytest.fixture()
-def server(home):
-    proc, url = _start(home)
-    assert url, proc.stdout.read().decode()
-    yield url
-    proc.kill()
-    proc.wait()
-
-
-def test_routes_answer_like_the_fork(server):
-    assert json.loads(_call(server, "/")[1])["message"] == "Welcome to RKLLama !"
-    assert _call(server, "/current_model")[0] == 404
-    assert _call(server, "/generate", {"messages": [{"role": "user", "content": "hi"}]})[0] == 400
-    assert _call(server, "/load_model", {"model_name": "Nope"})[0] == 400
-    assert _call(server, "/load_model", {"model_name": "Q"})[0] == 200
-    assert _call(server, "/load_model", {"model_name": "Q"}) == (400, json.dumps(
-        {"error": "A model is already loaded. Please unload it first."}, separators=(",", ":")) + "\n")
-    code, text = _call(server, "/generate", {"messages": [{"role": "user", "content": "hi"}]})
-    answer = json.loads(text)
-    assert code == 200 and answer["choices"][0]["finish_reason"] == "stop"
-    assert set(answer["usage"]) == {"prompt_tokens", "completion_tokens", "tokens_per_second", "total_tokens"}
-    assert answer["usage"]["completion_tokens"] == 24
-    code, text = _call(server, "/generate", {"messages": [{"role": "user", "content": "hi"}], "stream": True})
-    chunks = [json.loads(c) for c in text.split("\n\n") if c.strip()]
-    assert code == 200 and len(chunks) == 24 and all(c["usage"]["completion_tokens"] == i + 1 for i, c in enumerate(chunks))
-    assert _call(server, "/unload_model", {})[0] == 200
-    assert _call(server, "/unload_model", {})[0] == 400
-
-
-@pytest.mark.parametrize("model", ["Bad", "Other", "New"])
-def test_model_the_runtime_refuses_gives_html_500(server, model):
-    code, text = _call(server, "/load_model", {"model_name": model})
-    assert code == 500 and "Internal Server Error" in text
-
-
-def test_no_tokenizer_offline_gives_500(server, home):
-    shutil.rmtree(home / "home" / ".cache")
-    assert _call(server, "/load_model", {"model_name": "Q"})[0] == 200
-    assert _call(server, "/generate", {"messages": [{"role": "user", "content": "hi"}]})[0] == 500
-
-
-def test_no_start_without_library(home):
-    (home / "home" / "RKLLAMA" / "lib" / "librkllmrt.so").unlink()
-    proc, url = _start(home)
-    assert url is None and proc.wait() != 0 and b"librkllmrt.so" in proc.stdout.read()
-
-
-def test_no_start_when_open_files_limit_cannot_be_raised(home):
-    proc, url = _start(home, RKLLM_LAB_NOFILE_DEMAND="10000000")
-    assert url is None and proc.wait() != 0 and b"Traceback" in proc.stdout.read()
-
-
-@pytest.mark.skipif(not PY312 or not os.path.exists("/root/.pyenv/versions/3.12.1/bin/python"), reason="needs Python 3.12")
-def test_exo_fails_requests_when_rkllama_is_down(tmp_path):
-    cfg = tmp_path / "d.json"
-    cfg.write_text(json.dumps({"peers": {"n1": {"address": "127.0.0.1", "port": 1, "device_capabilities": {
-        "model": "m", "chip": "c", "memory": 0, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}}}))
-    port = _port()
-    proc = subprocess.Popen(["/root/.pyenv/versions/3.12.1/bin/python", "-m", "exo.main", "--inference-engine", "rkllm",
-                             "--disable-tui", "--discovery-module", "manual", "--discovery-config-path", str(cfg),
-                             "--node-id", "n1", "--chatgpt-api-port", str(port)], cwd=EXO,
-                            env=dict(os.environ, RKLLM_SERVER_HOST="127.0.0.1", RKLLM_SERVER_PORT=str(_port())))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
+    def __init__(self, tmp, src=SRC, env=None, preexec_fn=None, port=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        e = dict(os.environ, HOME=str(tmp / "home"), RKLLM_LAB_SYSROOT=str(tmp / "sys"),
+                 RKLLM_LAB_NOFILE_DEMAND="4096", RKLLM_LAB_TOKENS_PER_SECOND="2000", HF_HUB_OFFLINE="1")
+        e.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, "server.py", "--port", str(self.port)], cwd=src, env=e,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+        self.log = ""
+        self.up = False
+        for _ in range(200):
+            if self.proc.poll() is not None:
+                break
             try:
-                urllib.request.urlopen(url + "/healthcheck", timeout=1).close()
+                urllib.request.urlopen(self.url + "/", timeout=1).close()
+                self.up = True
                 break
             except OSError:
                 time.sleep(0.05)
-        code, text = _call(url, "/v1/chat/completions", {"model": "qwen2.5-1.5b-instruct-rkllm",
-                                                           "messages": [{"role": "user", "content": "hi"}]})
-        assert code == 500 and "RKLLM server not available" in text
-        metrics = _call(url, "/metrics")[1]
-        assert "rkllm_server_up 0" in metrics
-        for name in ("exo_requests_total", "exo_requests_in_progress", "exo_tokens_generated_total",
-                     "exo_request_duration_seconds", "exo_first_token_latency_seconds", "exo_tokens_per_second",
-                     "rkllm_inference_duration_seconds", "rkllm_model_load_duration_seconds"):
-            assert f"# TYPE {name} " in metrics
+
+    def stop(self):
+        if self.proc.returncode is not None and self.proc.stdout.closed:
+            return self.log
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.log = self.proc.communicate()[0].decode(errors="replace")
+        return self.log
+
+
+def call(url, path, body=None, method=None, timeout=10):
+    """(status, text, headers) of one request; JSON body when given."""
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(), r.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), exc.headers
+
+
+def chunks(text):
+    return [json.loads(c) for c in text.split("\n\n") if c.strip()]
+
+
+@pytest.fixture()
+def lab(tmp_path):
+    make_lab(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture()
+def server(lab):
+    srv = Server(lab)
+    assert srv.up, srv.stop()
+    yield srv
+    srv.stop()
+
+
+def load(srv, name=QWEN):
+    return call(srv.url, "/load_model", {"model_name": name})
+
+
+# --- the API table (REFERENCE.md) -------------------------------------------------------------
+
+def test_welcome_is_the_health_check(server):
+    code, text, _ = call(server.url, "/")
+    assert code == 200 and json.loads(text)["message"] == "Welcome to RKLLama !"
+
+
+def test_models_lists_dirs_with_a_model_and_moves_loose_files(server, lab):
+    models = lab / "home" / "RKLLAMA" / "models"
+    (models / "Loose.rkllm").write_bytes(lab_model())
+    (models / "Empty").mkdir()
+    code, text, _ = call(server.url, "/models")
+    assert code == 200 and sorted(json.loads(text)["models"]) == ["DeepSeek-R1-1.5B", "Loose", QWEN]
+    assert (models / "Loose" / "Loose.rkllm").is_file() and not (models / "Loose.rkllm").exists()
+
+
+def test_load_model_200_then_400_while_one_is_loaded(server):
+    assert load(server)[:2] == (200, json.dumps({"message": f"Model {QWEN} loaded successfully."}, separators=(",", ":")) + "\n")
+    # One model at a time: another one is refused until the first is unloaded.
+    code, text, _ = load(server, "DeepSeek-R1-1.5B")
+    assert code == 400 and json.loads(text) == {"error": "A model is already loaded. Please unload it first."}
+    assert json.loads(call(server.url, "/current_model")[1]) == {"model_name": QWEN}
+
+
+def test_load_model_400_for_missing_dir_or_modelfile(server, lab):
+    (lab / "home" / "RKLLAMA" / "models" / "NoModelfile").mkdir()
+    code, text, _ = load(server, "Nope")
+    assert code == 400 and json.loads(text)["error"] == "Model directory 'Nope' not found."
+    code, text, _ = load(server, "NoModelfile")
+    assert code == 400 and json.loads(text)["error"] == "Modelfile not found in 'NoModelfile' directory."
+    assert call(server.url, "/current_model")[0] == 404
+
+
+def test_load_model_500_is_flasks_html_page(server, lab):
+    add_model(lab / "home", "Bad", lab_model()[:-1] + b"\0")
+    code, text, headers = load(server, "Bad")
+    assert code == 500 and "text/html" in headers["Content-Type"] and "Internal Server Error" in text
+    assert call(server.url, "/current_model")[0] == 404
+
+
+def test_unload_model_200_then_400(server):
+    assert load(server)[0] == 200
+    assert call(server.url, "/unload_model", {})[:2] == (200, '{"message":"Model successfully unloaded!"}\n')
+    code, text, _ = call(server.url, "/unload_model", {})
+    assert code == 400 and json.loads(text) == {"error": "No models are currently loaded."}
+
+
+def test_current_model_404_when_none(server):
+    code, text, _ = call(server.url, "/current_model")
+    assert code == 404 and json.loads(text) == {"error": "No models are currently loaded."}
+
+
+def test_generate_plain_answer_with_usage(server):
+    assert load(server)[0] == 200
+    code, text, _ = call(server.url, "/generate", {"messages": HI})
+    answer = json.loads(text)
+    assert code == 200 and answer["id"] == "rkllm_chat"
+    assert answer["choices"][0] == {"role": "assistant", "content": ANSWER, "logprobs": None, "finish_reason": "stop"}
+    usage = answer["usage"]
+    assert usage["completion_tokens"] == 24 and usage["total_tokens"] == usage["prompt_tokens"] + 24
+    assert usage["prompt_tokens"] > 0 and usage["tokens_per_second"] > 0
+
+
+def test_generate_stream_one_object_per_token_and_finish_reason_null(server):
+    assert load(server)[0] == 200
+    code, text, headers = call(server.url, "/generate", {"messages": HI, "stream": True})
+    parts = chunks(text)
+    assert code == 200 and headers["Content-Type"].startswith("text/plain")
+    assert [p["usage"]["completion_tokens"] for p in parts] == list(range(1, 25))
+    assert "".join(p["choices"][0]["content"] for p in parts) == ANSWER
+    # The fork never reports the end in the stream: finish_reason stays null, the last chunk too.
+    assert all(p["choices"][0]["finish_reason"] is None for p in parts)
+
+
+def test_generate_400_without_a_model_or_messages(server):
+    code, text, _ = call(server.url, "/generate", {"messages": HI})
+    assert code == 400 and json.loads(text) == {"error": "No models are currently loaded."}
+    assert load(server)[0] == 200
+    code, text, _ = call(server.url, "/generate", {"prompt": "hi"})
+    assert code == 400 and json.loads(text) == {"status": "error", "message": "Données JSON invalides !"}
+
+
+def test_pull_and_rm_are_broken(server):
+    code, text, _ = call(server.url, "/pull", {"model": "x/y/z.rkllm"})
+    assert code == 200 and text.startswith("Error:") and "huggingface.co" in text
+    assert call(server.url, "/rm", {"model": QWEN}, method="DELETE")[0] == 500
+
+
+# --- failure modes ----------------------------------------------------------------------------
+
+def test_no_start_without_library(lab):
+    (lab / "home" / "RKLLAMA" / "lib" / "librkllmrt.so").unlink()
+    srv = Server(lab)
+    log = srv.stop()
+    assert not srv.up and srv.proc.returncode != 0 and "librkllmrt.so" in log and "Traceback" in log
+
+
+def test_no_start_with_a_library_for_another_architecture(tmp_path):
+    make_lab(tmp_path, arch="aarch64")
+    srv = Server(tmp_path)
+    log = srv.stop()
+    assert not srv.up and srv.proc.returncode != 0 and "OSError" in log and "librkllmrt.so" in log
+
+
+def _nofile_setup():
+    """(env, preexec_fn) making setrlimit(NOFILE, demand) fail the way it does for the fork's non-root user."""
+    if os.getuid() != 0:
+        def lower():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+        return {"RKLLM_LAB_NOFILE_DEMAND": "102400"}, lower
+    # Root may raise its own hard limit, and its interpreter lives under /root (0700), out of reach
+    # of an unprivileged uid: demand more than the kernel allows anyone (fs.nr_open) instead.
+    with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+        return {"RKLLM_LAB_NOFILE_DEMAND": str(int(f.read()) + 1)}, None
+
+
+def test_no_start_when_open_files_limit_cannot_be_raised(lab):
+    env, preexec = _nofile_setup()
+    srv = Server(lab, env=env, preexec_fn=preexec)
+    log = srv.stop()
+    assert not srv.up and srv.proc.returncode != 0 and "Traceback" in log and "setrlimit" in log
+
+
+def test_modelfile_is_parsed_with_dotenv(lab):
+    home = lab / "home"
+    add_model(home, "Spaced", modelfile=f"FROM m.rkllm\nHUGGINGFACE_PATH {QWEN_TOKENIZER}\n")
+    srv = Server(lab)
+    try:
+        code, text, _ = load(srv, "Spaced")
+        assert code == 400 and json.loads(text) == {"error": "FROM or HUGGINGFACE_PATH not defined in Modelfile."}
+        assert load(srv)[0] == 200  # KEY="value" works
     finally:
-        proc.kill()
-        proc.wait()
+        srv.stop()
+
+
+def test_modelfile_values_leak_into_the_next_load(server, lab):
+    """load_dotenv(override=True): a key the next Modelfile leaves out keeps the previous value."""
+    home = lab / "home"
+    add_model(home, "Short", modelfile=f'FROM="m.rkllm"\nHUGGINGFACE_PATH="{QWEN_TOKENIZER}"\nMAX_NEW_TOKENS="5"\n')
+    assert load(server, "Short")[0] == 200
+    assert json.loads(call(server.url, "/generate", {"messages": HI})[1])["usage"]["completion_tokens"] == 5
+    assert call(server.url, "/unload_model", {})[0] == 200
+    assert load(server)[0] == 200  # its Modelfile has no MAX_NEW_TOKENS
+    assert json.loads(call(server.url, "/generate", {"messages": HI})[1])["usage"]["completion_tokens"] == 5
+
+
+def test_tokenizer_from_the_offline_cache(lab):
+    srv = Server(lab)
+    try:
+        assert load(srv)[0] == 200
+        assert call(srv.url, "/generate", {"messages": HI})[0] == 200
+        shutil.rmtree(lab / "home" / ".cache")
+        assert call(srv.url, "/generate", {"messages": HI})[0] == 500  # the tokenizer is loaded per request
+    finally:
+        log = srv.stop()
+    assert "couldn't connect to 'https://huggingface.co'" in log
+
+
+def test_tokenizer_missing_online_is_a_connection_error(lab):
+    shutil.rmtree(lab / "home" / ".cache")
+    srv = Server(lab, env={"HF_HUB_OFFLINE": "0"})
+    try:
+        assert load(srv)[0] == 200
+        assert call(srv.url, "/generate", {"messages": HI})[0] == 500
+    finally:
+        log = srv.stop()
+    assert "MaxRetryError" in log and "Failed to resolve 'huggingface.co'" in log
+
+
+def test_model_for_another_platform_fails_to_load(server, lab):
+    add_model(lab / "home", "RK3576", upstream.model_file(QWEN, "rk3576"))
+    code, text, _ = load(server, "RK3576")
+    assert code == 500 and "Internal Server Error" in text
+    log = server.stop()
+    assert "platform: RK3588" in log and "E rkllm: the model is for RK3576 but this is RK3588" in log
+    assert "E rkllm: rkllm_init failed" in log
+
+
+def test_corrupt_model_is_invalid(server, lab):
+    data = bytearray(lab_model())
+    data[len(data) // 2] ^= 0xFF
+    add_model(lab / "home", "Flipped", bytes(data))
+    assert load(server, "Flipped")[0] == 500
+    assert "E rkllm: invalid rkllm model!" in server.stop()
+
+
+def test_model_from_a_newer_toolkit_than_the_runtime_is_invalid(server, lab):
+    add_model(lab / "home", "Newer", lab_model(toolkit="1.3.0"))
+    assert load(server, "Newer")[0] == 500
+    log = server.stop()
+    assert "E rkllm: invalid rkllm model!" in log and "1.3.0 is newer than runtime 1.2.3" in log
+
+
+def test_no_per_request_token_limit(server):
+    assert load(server)[0] == 200
+    code, text, _ = call(server.url, "/generate", {"messages": HI, "max_tokens": 3})
+    assert code == 200 and json.loads(text)["usage"]["completion_tokens"] == 24
+
+
+def test_roles_must_alternate(server):
+    assert load(server)[0] == 200
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert call(server.url, "/generate", {"messages": two_users})[0] == 500
+    # The fork prepends its own system prompt, so a request's own system message makes two in a row.
+    with_system = [{"role": "system", "content": "be brief"}] + HI
+    assert call(server.url, "/generate", {"messages": with_system})[0] == 500
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert call(server.url, "/generate", {"messages": turns})[0] == 200
+    assert "ValueError: Les rôles doivent alterner" in server.stop()
+
+
+def test_abandoned_stream_leaks_into_the_next_answer(lab):
+    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "40"})
+    try:
+        assert load(srv)[0] == 200
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            body = json.dumps({"messages": HI, "stream": True}).encode()
+            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            seen = b""
+            while seen.count(b"rkllm_chat") < 4:  # two chunks: each names rkllm_chat twice (id, object)
+                seen += sock.recv(4096)
+        answer = json.loads(call(srv.url, "/generate", {"messages": HI})[1])["choices"][0]["content"]
+    finally:
+        srv.stop()
+    assert answer != ANSWER and answer.endswith(ANSWER)
+    abandoned = answer[:-len(ANSWER)]
+    assert ANSWER.endswith(abandoned) and abandoned != ANSWER  # the unread rest of the abandoned answer
+
+
+def test_generation_rate(lab):
+    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "20", "RKLLM_LAB_ANSWER_TOKENS": "10"})
+    try:
+        assert load(srv)[0] == 200
+        start = time.monotonic()
+        answer = json.loads(call(srv.url, "/generate", {"messages": HI})[1])
+        elapsed = time.monotonic() - start
+    finally:
+        srv.stop()
+    assert answer["usage"]["completion_tokens"] == 10
+    assert elapsed >= 0.45 and answer["usage"]["tokens_per_second"] <= 21
+
+
+@pytest.fixture()
+def faulty_src(tmp_path):
+    def make(fault):
+        src = tmp_path / f"src-{fault}"
+        shutil.copytree(SRC, src, ignore=shutil.ignore_patterns("__pycache__"))
+        (src / "lab_build.json").write_text(json.dumps({"version": "v-broken", "fault": fault}))
+        return src
+    return make
+
+
+def test_lab_build_load_fails(lab, faulty_src):
+    srv = Server(lab, src=faulty_src("load_fails"))
+    try:
+        assert json.loads(call(srv.url, "/")[1])["lab_build"] == "v-broken"
+        assert load(srv)[0] == 500
+    finally:
+        log = srv.stop()
+    assert "E RKNN: failed to malloc npu memory" in log and "E rkllm: rkllm_init failed" in log
+
+
+def test_lab_build_no_start(lab, faulty_src):
+    srv = Server(lab, src=faulty_src("no_start"))
+    log = srv.stop()
+    assert not srv.up and srv.proc.returncode != 0 and "Traceback" in log and "does not start" in log

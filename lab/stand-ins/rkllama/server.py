@@ -37,6 +37,7 @@ BUILD = lab_build()
 app = Flask(__name__)
 state = {"model": None, "name": None}
 busy = threading.Lock()
+SYSTEM = "Tu es un assistant artificiel."  # the fork's default system prompt (Modelfile SYSTEM is ignored)
 
 
 @app.route("/", methods=["GET"])
@@ -72,13 +73,19 @@ def load_model():
     modelfile = os.path.join(model_dir, "Modelfile")
     if not os.path.exists(modelfile):
         return jsonify({"error": f"Modelfile not found in '{name}' directory."}), 400
-    settings = dotenv_values(modelfile)
-    if not settings.get("FROM") or not settings.get("HUGGINGFACE_PATH"):
+    # The fork does load_dotenv(Modelfile, override=True) and reads os.getenv: every key goes into the
+    # server's environment and stays there, so a key one Modelfile leaves out (MAX_NEW_TOKENS,
+    # TEMPERATURE) keeps the value the previously loaded model's Modelfile set.
+    for key, value in dotenv_values(modelfile).items():
+        if value is not None:
+            os.environ[key] = value
+    from_value, hf_path = os.getenv("FROM"), os.getenv("HUGGINGFACE_PATH")
+    if not from_value or not hf_path:
         return jsonify({"error": "FROM or HUGGINGFACE_PATH not defined in Modelfile."}), 400
     # A runtime failure is an uncaught exception in the fork: Flask answers its HTML 500 page.
-    model = Model(os.path.join(model_dir, settings["FROM"]), int(settings.get("MAX_NEW_TOKENS") or 2048),
-                  float(settings.get("TEMPERATURE") or 0.8), fault=BUILD.get("fault"))
-    model.huggingface_path = settings["HUGGINGFACE_PATH"]
+    model = Model(os.path.join(model_dir, from_value), int(os.getenv("MAX_NEW_TOKENS", "2048")),
+                  float(os.getenv("TEMPERATURE", "0.8")), fault=BUILD.get("fault"))
+    model.huggingface_path = hf_path
     state["model"], state["name"] = model, name
     return jsonify({"message": f"Model {name} loaded successfully."}), 200
 
@@ -113,8 +120,17 @@ def generate():
     data = request.get_json(silent=True) or {}
     if "messages" not in data:
         return jsonify({"status": "error", "message": "Données JSON invalides !"}), 400
-    tokenizer.load(model.huggingface_path)  # every request, as the fork does; raises => HTML 500
-    prompt_tokens = tokenizer.count_tokens(data["messages"])
+    config = tokenizer.load(model.huggingface_path)  # every request, as the fork does; raises => HTML 500
+    # The fork puts its own system prompt first whenever the chat template allows a system role, then
+    # raises ValueError (=> HTML 500) when two neighbouring messages have the same role: so a request
+    # that starts with its own system message fails on such models, and so does user, user.
+    prompt = data["messages"]
+    if "raise_exception('System role not supported')" not in (config.get("chat_template") or ""):
+        prompt = [{"role": "system", "content": SYSTEM}] + prompt
+    for before, after in zip(prompt, prompt[1:]):
+        if before.get("role") == after.get("role"):
+            raise ValueError("Les rôles doivent alterner entre 'user' et 'assistant'.")
+    prompt_tokens = tokenizer.count_tokens(prompt)
     busy.acquire()  # pylint: disable=consider-using-with  (released when the generation ends)
     start = time.time()
     worker = model.start(prompt_tokens)
@@ -140,8 +156,10 @@ def generate():
         for token in tokens():
             count += 1
             elapsed = max(time.time() - start, 1e-6)
-            finish = "stop" if not worker.is_alive() and not model.pending else None
-            yield json.dumps(_chunk(token, count, prompt_tokens, finish, count / elapsed)) + "\n\n"
+            # The fork computes "stop" from a status its callback never writes (the callback assigns a
+            # module global of its own), so every stream chunk, the last one too, has finish_reason null;
+            # a client knows the stream ended only when the connection closes.
+            yield json.dumps(_chunk(token, count, prompt_tokens, None, count / elapsed)) + "\n\n"
 
     return Response(stream(), content_type="text/plain")
 

@@ -67,6 +67,7 @@ class Engine:
         self.base = f"http://{host}:{port}"
         self.timeout = timeout
         self.lock = threading.Lock()
+        self.loaded = None
 
     def _call(self, method, path, body=None):
         data = json.dumps(body).encode() if body is not None else None
@@ -82,44 +83,77 @@ class Engine:
             return False
 
     def ensure_model(self, name):
-        # The fork's engine checks rkllama's health before loading and fails the request with this text.
+        """Make rkllama hold model `name`, as the fork's engine does."""
+        # The fork's engine remembers what it loaded and then checks nothing more: if rkllama restarts
+        # (and so loses its model) the engine does not notice, and /generate answers 400 from then on.
+        if self.loaded == name:
+            return
+        # rkllm_server_up is set here only, when the engine checks before a load (never on a scrape).
         up = self.up()
         metrics.set_gauge("rkllm_server_up", 1 if up else 0)
         if not up:
             raise ConnectionError(f"RKLLM server not available at {self.base}. Please start the rkllama server with: "
                                   f"python server.py --target_platform rk3588 --port {self.base.rsplit(':', 1)[1]}")
-        try:
-            with self._call("GET", "/current_model") as resp:
-                current = json.load(resp).get("model_name")
-        except urllib.error.HTTPError as exc:
-            if exc.code != 404:
-                raise
-            current = None
-        if current == name:
-            return
-        if current:
-            self._call("POST", "/unload_model", {}).close()
         start = time.time()
-        self._call("POST", "/load_model", {"model_name": name}).close()
+        if not self._load(name):
+            metrics.observe("rkllm_model_load_duration_seconds", time.time() - start)
+            raise RuntimeError(f"Failed to load RKLLM model: {name}. Available models: {self._models()}")
         metrics.observe("rkllm_model_load_duration_seconds", time.time() - start)
+        self.loaded = name
+
+    def _load(self, name):
+        """The fork's client: /current_model, /unload_model if another is loaded, /load_model; any failure => False."""
+        try:
+            try:
+                with self._call("GET", "/current_model") as resp:
+                    current = json.load(resp).get("model_name")
+            except urllib.error.HTTPError:
+                current = None
+            if current == name:
+                return True
+            if current:
+                self._call("POST", "/unload_model", {}).close()
+            with self._call("POST", "/load_model", {"model_name": name}) as resp:
+                return resp.status == 200
+        except (OSError, ValueError):
+            return False
+
+    def _models(self):
+        try:
+            with self._call("GET", "/models") as resp:
+                return json.load(resp).get("models", [])
+        except (OSError, ValueError):
+            return []
 
     def generate(self, messages):
-        """Yield text pieces from rkllama's stream, read to its end."""
-        with self._call("POST", "/generate", {"messages": messages, "stream": True}) as resp:
-            buf = b""
-            for line in resp:
-                buf += line
-                if line.strip() == b"" and buf.strip():
-                    piece = json.loads(buf)
-                    buf = b""
-                    yield piece["choices"][0].get("content") or ""
-            if buf.strip():
-                yield json.loads(buf)["choices"][0].get("content") or ""
+        """Yield text pieces from rkllama's stream, read to its end.
+
+        Like the fork: rkllama gets one user message (the first user turn the fork finds in the
+        templated prompt: history and system prompt are dropped), and any failure of /generate
+        (400 after an rkllama restart, 500, timeout, refused connection) just ends the answer,
+        so the client gets 200 with whatever came so far, usually nothing.
+        """
+        users = [m for m in messages if m.get("role") == "user"]
+        content = str(users[0].get("content", "")) if users else "\n".join(str(m.get("content", "")) for m in messages)
+        try:
+            with self._call("POST", "/generate", {"messages": [{"role": "user", "content": content}], "stream": True}) as resp:
+                buf = b""
+                for line in resp:
+                    buf += line
+                    if line.strip() == b"" and buf.strip():
+                        piece = json.loads(buf)
+                        buf = b""
+                        yield piece["choices"][0].get("content") or ""
+                if buf.strip():
+                    yield json.loads(buf)["choices"][0].get("content") or ""
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            sys.stderr.write(f"RKLLM stream error: {exc}\n")
 
 
 class Api(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "exo-lab"
+    _started = False
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
         sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
@@ -140,7 +174,6 @@ class Api(BaseHTTPRequestHandler):
             self._send(200, {"object": "list", "lab_build": self.server.build.get("version"),
                              "data": [{"id": m, "object": "model", "owned_by": "exo", "ready": True} for m in MODEL_MAP]})
         elif self.path == "/metrics":
-            metrics.set_gauge("rkllm_server_up", 1 if self.server.engine.up() else 0)
             self._send(200, metrics.render().encode(), "text/plain; version=0.0.4")
         else:
             self._send(404, {"detail": "Not Found"})
@@ -152,21 +185,23 @@ class Api(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         model = body.get("model") or self.server.default_model
         stream = bool(body.get("stream"))
+        self._started = False
         metrics.inc("exo_requests_in_progress", 1)
         start, status = time.time(), "error"
         try:
             if self.server.build.get("fault") == "bad_answers":
                 self._send(500, {"detail": "Error processing prompt: lab build fault"})
                 return
-            if model not in MODEL_MAP:
-                self._send(400, {"detail": f"Unsupported model: {model}"})
-                status = "bad_request"
-                return
+            if model not in MODEL_MAP or model.startswith("gpt-"):
+                # The fork answers an unknown model (and any gpt-*) with its default model, not an error.
+                model = self.server.default_model
             with self.server.engine.lock:
                 status = self._complete(model, body.get("messages") or [], stream, start)
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            if not stream:
-                self._send(500, {"detail": f"Error processing prompt (see logs with DEBUG>=2): {exc}"})
+        except (OSError, urllib.error.URLError, ValueError, RuntimeError) as exc:
+            if self._started:
+                raise  # the client went away mid-stream: nothing more to send
+            # Raised before the first byte is sent (rkllama down, load failed): the fork's 500.
+            self._send(500, {"detail": f"Error processing prompt (see logs with DEBUG>=2): {exc}"})
         finally:
             metrics.inc("exo_requests_in_progress", -1)
             metrics.inc("exo_requests_total", 1, {"model": model or "", "status": status})
@@ -184,6 +219,7 @@ class Api(BaseHTTPRequestHandler):
             self.send_header("X-Exo-Node-Id", self.server.node_id)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            self._started = True
         infer_start = time.time()
         for piece in engine.generate(messages):
             if first is None:
@@ -191,29 +227,34 @@ class Api(BaseHTTPRequestHandler):
                 metrics.observe("exo_first_token_latency_seconds", first - start)
             pieces.append(piece)
             if stream:
-                chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}, "finish_reason": None}]}
+                chunk = self._completion(cid, created, model, piece, None, stream=True)
                 self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         elapsed = time.time() - infer_start
         metrics.observe("rkllm_inference_duration_seconds", elapsed)
-        metrics.inc("exo_tokens_generated_total", len(pieces), {"model": model})
-        gen_time = time.time() - (first or infer_start)
-        if len(pieces) > 1 and gen_time > 0:
-            metrics.set_gauge("exo_tokens_per_second", (len(pieces) - 1) / gen_time, {"model": model})
-        usage = {"prompt_tokens": sum(len(str(m.get("content", ""))) // 4 + 1 for m in messages),
-                 "completion_tokens": len(pieces)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        # The fork never sets exo_tokens_per_second (declared, never written: no sample is exported).
+        # Streamed, it counts only the last chunk's tokens (one) into exo_tokens_generated_total.
+        metrics.inc("exo_tokens_generated_total", 1 if stream else len(pieces) + 1, {"model": model})
         if stream:
-            final = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage}
+            # The fork's end of a stream: one last chunk with finish_reason "stop" (the end-of-sequence
+            # token, decoded to nothing here), no usage, no `data: [DONE]`; then the connection's body ends.
+            final = self._completion(cid, created, model, "", "stop", stream=True)
             self._chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
-            self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
         else:
-            self._send(200, {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                                          "finish_reason": "stop"}], "usage": usage})
+            answer = self._completion(cid, created, model, "".join(pieces), "stop", stream=False)
+            prompt_tokens = sum(len(str(m.get("content", ""))) // 4 + 1 for m in messages)
+            answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces) + 1,
+                               "total_tokens": prompt_tokens + len(pieces) + 1}
+            self._send(200, answer)
         return "success"
+
+    @staticmethod
+    def _completion(cid, created, model, content, finish, stream):
+        """The fork's generate_completion shape (delta when streamed, message otherwise)."""
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": "exo_0.0.1",
+                "choices": [{"index": 0, "delta" if stream else "message": {"role": "assistant", "content": content},
+                             "logprobs": None, "finish_reason": finish}]}
 
     def _chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

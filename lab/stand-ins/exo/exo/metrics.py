@@ -14,6 +14,7 @@ _HELP = {
     "rkllm_inference_duration_seconds": ("histogram", "RKLLM inference duration in seconds"),
     "rkllm_model_load_duration_seconds": ("histogram", "RKLLM model load duration in seconds"),
 }
+_LABELLED = {"exo_requests_total", "exo_tokens_generated_total", "exo_tokens_per_second"}
 _BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf"))
 _VALUES = {}
 _HISTS = {}
@@ -63,9 +64,9 @@ def render():
                 out.append(f"{name}_sum {hist['sum']}")
                 out.append(f"{name}_count {hist['count']}")
                 continue
-            series = _VALUES.get(name) or ({(): 0} if not name.endswith("_total") or name == "exo_requests_total" else {})
-            if name == "exo_requests_total" and not _VALUES.get(name):
-                series = {}
+            # prometheus_client: an unlabelled metric always shows a sample (0 at start); a labelled
+            # one shows nothing until a label set is used (exo_tokens_per_second: the fork never sets it).
+            series = _VALUES.get(name) or ({} if name in _LABELLED else {(): 0})
             for key, value in series.items():
                 out.append(f"{name}{_labels(key)} {value}")
     return "\n".join(out) + "\n"

@@ -60,12 +60,13 @@ class FakeExo(BaseHTTPRequestHandler):
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                for word in srv.words:
-                    chunk = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                for i, word in enumerate(srv.words):
+                    last = i == len(srv.words) - 1 and mode == "finish-no-done"
+                    chunk = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": "stop" if last else None}]}
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                     self.wfile.flush()
                     time.sleep(srv.chunk_delay)
-                if mode != "no-done":
+                if mode not in ("no-done", "finish-no-done"):
                     self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
                 self.close_connection = True
@@ -142,11 +143,18 @@ def test_stream_is_read_to_its_end(server):
     assert result["latency"]["p50"] >= 0.1 * len(server.words)
 
 
+def test_a_stream_ending_with_a_finish_reason_is_complete(server):
+    # exo-rkllama closes its streams after the chunk with a finish_reason, without data: [DONE].
+    server.mode = "finish-no-done"
+    result = run(server.url, requests=2, stream=True)
+    assert (result["succeeded"], result["failed_requests"]) == (2, 0)
+
+
 @pytest.mark.parametrize("mode, stream, sentence", [
     ("500", True, "HTTP 502"),
     ("empty", False, "Empty answer"),
     ("garbage", False, "Malformed answer"),
-    ("no-done", True, "without data: [DONE]"),
+    ("no-done", True, "ended before its last chunk"),
 ])
 def test_failures_are_counted_with_their_sentence(server, mode, stream, sentence):
     server.mode = mode
@@ -162,6 +170,12 @@ def test_http_error_message_from_the_body_is_reported(server):
     server.mode = "500"
     result = run(server.url, requests=1)
     assert "No board answered." in result["errors"][0]["error"]
+
+
+def test_exo_detail_is_reported():
+    assert chat_load.error_detail('{"detail": "Unsupported model: x"}') == "Unsupported model: x"
+    assert chat_load.error_detail('{"error": "busy"}') == "busy"
+    assert chat_load.error_detail("<html>502</html>") == "<html>502</html>"
 
 
 def test_mixed_results_rank_errors_by_count(server):
