@@ -259,9 +259,9 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
         ids = identities_of_file(tmp)
         if not matches(ids, kind, value):
             raise IdentityMismatch('The file downloaded from %s has %s, but %s was expected; %s was left untouched. '
-                                'The download is corrupt or the pinned identity is wrong: check the mirror copy, or pin the '
-                                'identity the origin publishes.'
-                                % (url, describe(kind, ids[kind]), describe(kind, value), dest))
+                                   'The download is corrupt or the pinned identity is wrong: check the mirror copy, or pin the '
+                                   'identity the origin publishes.'
+                                   % (url, describe(kind, ids[kind]), describe(kind, value), dest))
         if elf:
             found = elf_machine_of_file(tmp)
             if found != elf:

@@ -58,9 +58,9 @@ options:
     description:
       - Base URL of a site mirror. C(scheme://host/path) is fetched as C(<mirror>/host/path).
       - Empty means fetch from the origin.
-      - When an C(http(s)) mirror serves bytes without the pinned identity, the file is downloaded once more with the
+      - "When an C(http(s)) mirror serves bytes without the pinned identity, the file is downloaded once more with the
         request headers C(Cache-Control: no-cache) and C(X-Rkllm-Refresh: 1), which make a caching mirror (the gateway's)
-        fetch it from its upstream again and replace its cached copy. If that copy is wrong too, the task fails.
+        fetch it from its upstream again and replace its cached copy. If that copy is wrong too, the task fails."
     type: str
     default: ''
   retries:
