@@ -117,7 +117,7 @@ EXAMPLES = r'''
 - name: Fetch a model file pinned by the sha256 Hugging Face publishes for it
   rkllm.fleet.artifact:
     url: https://huggingface.co/c01zaut/Qwen2.5-1.5B-Instruct-RK3588-1.1.4/resolve/main/model.rkllm
-    sha256: 0000000000000000000000000000000000000000000000000000000000000000
+    sha256: "0000000000000000000000000000000000000000000000000000000000000000"
     dest: /var/lib/rkllama/RKLLAMA/models/Qwen2.5-1.5B-Instruct/model.rkllm
 
 - name: On an air-gapped site, take the file from a directory laid out as <host>/<path>

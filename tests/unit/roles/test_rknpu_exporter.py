@@ -47,7 +47,7 @@ def parse(text):
         if line.startswith("# HELP "):
             continue
         if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
+            name, kind = line.split(" ", 3)[2:]
             assert name not in types, "TYPE twice for %s" % name
             assert kind in ("gauge", "counter", "untyped")
             types[name] = kind
