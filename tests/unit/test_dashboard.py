@@ -144,7 +144,7 @@ def test_dashboard_covers_the_fleet(dashboard):
     for panel in query_panels(dashboard):
         for target in panel["targets"]:
             used |= metric_names(target["expr"])
-    for needed in ("exo_tokens_per_second", "exo_requests_total", "exo_request_duration_seconds_bucket",
+    for needed in ("exo_tokens_generated_total", "exo_requests_total", "exo_request_duration_seconds_bucket",
                    "exo_first_token_latency_seconds_bucket", "exo_requests_in_progress", "rkllm_server_up", "up",
                    "rknpu_load_ratio", "rknpu_frequency_hertz"):
         assert needed in used, needed
