@@ -11,9 +11,12 @@ LAB_GATEWAY_PORT ?= 18080
 LAB_PROMETHEUS_PORT ?= 19090
 LAB_UPSTREAM_PORT ?= 18000
 export LAB_GATEWAY_PORT LAB_PROMETHEUS_PORT LAB_UPSTREAM_PORT
-# The faults scenario (molecule/faults) is written but has not run green yet: run it with
-# `make molecule SCENARIOS=faults`; it joins this list once it passes.
-SCENARIOS ?= default upgrade
+# The lab inventory (a directory with hosts.yml and group_vars): six boards instead of three
+# with `make lab LAB_INVENTORY=lab/inventories/six-boards` (docs/performance.md).
+LAB_INVENTORY ?= inventories/lab
+# Molecule scenarios `make molecule` (and so `make test`) runs, in order; pick some with
+# `make molecule SCENARIOS=faults`.
+SCENARIOS ?= default upgrade faults
 
 .PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity unit molecule lab-pins clean
 
@@ -32,19 +35,19 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt
 venv: $(VENV)/.stamp ## create .venv with the pinned tools
 
 lab: venv ## build and provision the lab fleet (Docker), then print its endpoints
-	@$(PY) lab/lab.py up
-	@echo "==> Provisioning the lab fleet: ansible-playbook playbooks/site.yml -i inventories/lab"
-	@$(BIN)/ansible-playbook playbooks/site.yml -i inventories/lab
-	@$(PY) lab/lab.py status
+	@$(PY) lab/lab.py up --inventory $(LAB_INVENTORY)/hosts.yml
+	@echo "==> Provisioning the lab fleet: ansible-playbook playbooks/site.yml -i $(LAB_INVENTORY)"
+	@$(BIN)/ansible-playbook playbooks/site.yml -i $(LAB_INVENTORY)
+	@$(PY) lab/lab.py status --inventory $(LAB_INVENTORY)/hosts.yml
 
 lab-images: venv ## build (or reuse) the lab images only
 	@$(PY) lab/lab.py images
 
 lab-up: venv ## start the lab containers without provisioning them
-	@$(PY) lab/lab.py up
+	@$(PY) lab/lab.py up --inventory $(LAB_INVENTORY)/hosts.yml
 
 lab-status: venv ## print the lab endpoints and one line per board
-	@$(PY) lab/lab.py status
+	@$(PY) lab/lab.py status --inventory $(LAB_INVENTORY)/hosts.yml
 
 lab-down: ## remove every container, network, image and state file the lab made
 	@python3 lab/lab.py down
