@@ -168,7 +168,11 @@ class TransientError(Exception):
 
 
 class IdentityMismatch(ArtifactError):
-    """The downloaded bytes do not have the pinned identity (corrupt copy or wrong pin)."""
+    """The downloaded bytes do not have the pinned identity (corrupt copy or wrong pin).
+
+    ``attempts`` is how many downloads it took to get those bytes."""
+
+    attempts = 1
 
 
 # Sent on the one re-download after a mirror served bytes with the wrong identity: a caching
@@ -258,10 +262,12 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
     try:
         ids = identities_of_file(tmp)
         if not matches(ids, kind, value):
-            raise IdentityMismatch('The file downloaded from %s has %s, but %s was expected; %s was left untouched. '
-                                   'The download is corrupt or the pinned identity is wrong: check the mirror copy, or pin the '
-                                   'identity the origin publishes.'
-                                   % (url, describe(kind, ids[kind]), describe(kind, value), dest))
+            mismatch = IdentityMismatch('The file downloaded from %s has %s, but %s was expected; %s was left untouched. '
+                                        'The download is corrupt or the pinned identity is wrong: check the mirror copy, or pin the '
+                                        'identity the origin publishes.'
+                                        % (url, describe(kind, ids[kind]), describe(kind, value), dest))
+            mismatch.attempts = attempts
+            raise mismatch
         if elf:
             found = elf_machine_of_file(tmp)
             if found != elf:

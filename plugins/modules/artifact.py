@@ -259,7 +259,7 @@ def run(params, check_mode, opener=None, sleep=None, log=None):
             tmp, ids, attempts = fetch_verified(opener, url, dest, kind, value, headers=REFRESH_HEADERS, **kwargs)
         except IdentityMismatch as again:
             raise IdentityMismatch('%s (The mirror was asked to fetch it from its upstream again; the new copy is wrong too.)' % again)
-        attempts += 1
+        attempts += e.attempts
     place(tmp, dest, mode=0o644)
     result.update(ids)
     result['downloaded'] = True

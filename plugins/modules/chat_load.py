@@ -154,12 +154,7 @@ succeeded:
   type: int
   sample: 19
 failed_requests:
-  description: Requests that failed (C(sent - succeeded)). Also returned as C(failures).
-  returned: always
-  type: int
-  sample: 1
-failures:
-  description: Same as RV(failed_requests).
+  description: Requests that failed (C(sent - succeeded)).
   returned: always
   type: int
   sample: 1
@@ -509,7 +504,6 @@ def summarize(records, sent, elapsed, stopped_by):
         "sent": sent,
         "succeeded": len(ok),
         "failed_requests": failed,
-        "failures": failed,
         "errors": errors,
         "completion_tokens": tokens,
         "elapsed": round(elapsed, 3),

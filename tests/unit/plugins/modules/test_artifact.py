@@ -222,6 +222,19 @@ def test_corrupt_copy_on_the_mirror_is_refreshed_once_and_then_placed(upstream, 
     assert os.listdir(str(dest.parent)) == ['librkllmrt.so']
 
 
+def test_attempts_count_every_download_before_and_after_the_refresh(upstream, dest):
+    good = read(LIB)
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2] ^= 0xff
+    upstream.files[PATH] = bytes(corrupt)
+    upstream.failures[PATH] = 1
+    upstream.refreshed[PATH] = good
+    rc, result = run_module({'url': ORIGIN, 'mirror': upstream.mirror, 'dest': str(dest), 'git_blob': git_blob_id(good)})
+    assert rc == 0, result
+    assert upstream.gets == [PATH, PATH, PATH], 'a 503, the corrupt copy, the refreshed copy'
+    assert result['attempts'] == 3 and dest.read_bytes() == good
+
+
 def test_mirror_that_stays_corrupt_after_the_refresh_fails_and_keeps_the_working_file(upstream, dest):
     good = read(LIB)
     dest.write_bytes(good)
