@@ -14,9 +14,16 @@ __metaclass__ = type
 import hashlib
 import os
 import re
+import socket
+import stat
 import struct
 import tempfile
 import time
+
+try:
+    import http.client as http_client
+except ImportError:  # pragma: no cover - Python 2 is not supported, kept for sanity's compile test
+    import httplib as http_client  # type: ignore
 
 try:
     from urllib.parse import urlsplit
@@ -186,42 +193,215 @@ def refreshable(url):
     return urlsplit(url).scheme in ('http', 'https')
 
 
-def download_to(opener, url, dirpath, timeout, prefix='.artifact-', headers=None):
-    """Stream ``url`` into a new temporary file in ``dirpath``; return its path.
+PART_PREFIX = '.artifact-'
+PART_SUFFIX = '.part'
+
+
+class RangeNotSatisfiable(TransientError):
+    """The server refused the Range of a resumed download (HTTP 416): start again from byte 0."""
+
+
+class DeadlineExceeded(ArtifactError):
+    """The whole download (every attempt) took longer than its deadline."""
+
+
+def remove_stale_parts(dirpath, older_than, log=None):
+    """Remove partial downloads (``.artifact-*.part``) this user left in ``dirpath`` before ``older_than``.
+
+    A run that is killed (Ctrl-C, a lost connection to the controller) can't clean up after
+    itself; the next run does. Files written since ``older_than`` (this run's start) or owned by
+    another user are left alone. Returns the paths removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(dirpath)
+    except OSError:
+        return removed
+    uid = os.geteuid() if hasattr(os, 'geteuid') else None
+    for name in names:
+        if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
+            continue
+        path = os.path.join(dirpath, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_mtime >= older_than or (uid is not None and st.st_uid != uid):
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+        if log:
+            log('removed %s (%d bytes), a partial download an interrupted run left behind' % (path, st.st_size))
+    return removed
+
+
+def _status(resp):
+    status = getattr(resp, 'status', None)
+    if status is None and hasattr(resp, 'getcode'):
+        status = resp.getcode()
+    return status or 200
+
+
+def _header(resp, name):
+    headers = getattr(resp, 'headers', None)
+    if headers is None:
+        return None
+    return headers.get(name)
+
+
+def _content_range(value):
+    """``bytes START-END/TOTAL`` -> ``(start, total or None)``; None when unparseable."""
+    m = re.match(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', value or '')
+    if not m:
+        return None
+    return int(m.group(1)), (None if m.group(3) == '*' else int(m.group(3)))
+
+
+class Transfer:
+    """One download into a partial file that survives between attempts.
+
+    Each attempt asks for the bytes still missing (``Range``) when the partial file holds some
+    and the server said it serves ranges; a server that answers the whole file instead (200)
+    starts the file again. ``deadline`` (a ``clock()`` time, or None) bounds every read.
+    """
+
+    def __init__(self, opener, url, dirpath, timeout, headers=None, deadline=None, clock=time.time):
+        self.opener = opener
+        self.url = url
+        self.timeout = timeout
+        self.headers = dict(headers or {})
+        self.deadline = deadline
+        self.clock = clock
+        self.size = None          # whole file size, once an answer told it
+        self.validator = None     # ETag or Last-Modified of the first answer, for If-Range
+        self.ranges = False       # the server announced Accept-Ranges: bytes
+        self.resumed = 0          # attempts that continued a partial file
+        fd, self.path = tempfile.mkstemp(prefix=PART_PREFIX, suffix=PART_SUFFIX, dir=dirpath)
+        os.close(fd)
+
+    @property
+    def have(self):
+        return os.path.getsize(self.path)
+
+    def remaining(self):
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def _check_deadline(self):
+        left = self.remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded('deadline')
+
+    def attempt(self):
+        """Fetch what is missing; return when the file is complete. Raises TransientError."""
+        self._check_deadline()
+        offset = self.have
+        headers = dict(self.headers)
+        if offset and self.ranges:
+            headers['Range'] = 'bytes=%d-' % offset
+            if self.validator:
+                headers['If-Range'] = self.validator
+        else:
+            offset = 0
+        timeout = self.timeout
+        left = self.remaining()
+        if left is not None:
+            timeout = max(1, min(timeout, left))
+        try:
+            resp = self.opener(self.url, timeout, headers=headers) if headers else self.opener(self.url, timeout)
+        except RangeNotSatisfiable:
+            self.ranges = False
+            self._truncate()
+            raise
+        try:
+            self._receive(resp, offset, 'Range' in headers)
+        finally:
+            close = getattr(resp, 'close', None)
+            if close:
+                try:
+                    close()
+                except Exception:  # pylint: disable=broad-except
+                    pass
+
+    def _truncate(self):
+        with open(self.path, 'wb'):
+            pass
+
+    def _receive(self, resp, offset, asked_range):
+        status = _status(resp)
+        length = _header(resp, 'Content-Length')
+        try:
+            length = int(length) if length not in (None, '') else None
+        except ValueError:
+            length = None
+        if asked_range and status == 206:
+            parsed = _content_range(_header(resp, 'Content-Range'))
+            if parsed is None or parsed[0] != offset:
+                # Not the bytes asked for: keep nothing of this answer, start over next time.
+                self.ranges = False
+                self._truncate()
+                raise TransientError('the server answered a range other than bytes=%d- (%s)' % (offset, _header(resp, 'Content-Range')))
+            self.resumed += 1
+            if parsed[1] is not None:
+                self.size = parsed[1]
+            elif length is not None:
+                self.size = offset + length
+            mode = 'ab'
+        else:
+            # A whole answer (the first, a server without ranges, or a changed file after If-Range).
+            offset = 0
+            mode = 'wb'
+            self.size = length
+            self.ranges = (_header(resp, 'Accept-Ranges') or '').strip().lower() == 'bytes'
+            self.validator = _header(resp, 'ETag') or _header(resp, 'Last-Modified')
+        read = getattr(resp, 'read1', None) or resp.read
+        got = offset
+        with open(self.path, mode) as out:
+            while True:
+                self._check_deadline()
+                try:
+                    chunk = read(CHUNK)
+                except (IOError, OSError, socket.timeout, http_client.HTTPException, ValueError) as e:
+                    # Timeouts, resets and truncated chunked bodies land here mid-transfer.
+                    out.flush()
+                    raise TransientError('the transfer broke after %d%s bytes (%s)'
+                                         % (got, '' if self.size is None else ' of %d' % self.size, _reason(e)))
+                if not chunk:
+                    break
+                got += len(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if self.size is not None and got != self.size:
+            raise TransientError('the transfer ended after %d of %d bytes' % (got, self.size))
+
+    def discard(self):
+        _unlink(self.path)
+
+
+def _reason(e):
+    text = str(e) or e.__class__.__name__
+    if isinstance(e, socket.timeout) or 'timed out' in text:
+        return 'no data for the socket timeout: %s' % text
+    return '%s: %s' % (e.__class__.__name__, text) if str(e) else e.__class__.__name__
+
+
+def download_to(opener, url, dirpath, timeout, prefix=PART_PREFIX, headers=None):
+    """Stream ``url`` into a new temporary file in ``dirpath`` in one attempt; return its path.
 
     ``opener(url, timeout)`` returns a response object with ``read(n)`` and, optionally,
     ``headers``; with ``headers`` set it is called as ``opener(url, timeout, headers=headers)``.
     The temporary file is removed when anything goes wrong.
     """
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix='.part', dir=dirpath)
+    transfer = Transfer(opener, url, dirpath, timeout, headers=headers)
     try:
-        with os.fdopen(fd, 'wb') as out:
-            resp = opener(url, timeout, headers=headers) if headers else opener(url, timeout)
-            expected = None
-            headers = getattr(resp, 'headers', None)
-            if headers is not None and headers.get('Content-Length'):
-                try:
-                    expected = int(headers.get('Content-Length'))
-                except ValueError:
-                    expected = None
-            got = 0
-            while True:
-                chunk = resp.read(CHUNK)
-                if not chunk:
-                    break
-                got += len(chunk)
-                out.write(chunk)
-            close = getattr(resp, 'close', None)
-            if close:
-                close()
-            if expected is not None and got != expected:
-                raise TransientError('the transfer ended after %d of %d bytes' % (got, expected))
-            out.flush()
-            os.fsync(out.fileno())
-        return tmp
+        transfer.attempt()
     except BaseException:
-        _unlink(tmp)
+        transfer.discard()
         raise
+    return transfer.path
 
 
 def _unlink(path):
@@ -232,10 +412,13 @@ def _unlink(path):
 
 
 def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=60, delay=1.0, sleep=time.sleep, log=None,
-                   headers=None):
+                   headers=None, deadline=None, clock=time.time):
     """Download ``url`` next to ``dest``, verify identity and ELF machine; return ``(tmp_path, ids, attempts)``.
 
-    Transient failures are retried ``retries`` times with a growing delay. A wrong identity or
+    Transient failures (connection errors, timeouts, 5xx, a transfer that breaks or ends short)
+    are retried ``retries`` times with a growing delay; a retry continues the partial file with
+    a Range request when the server serves ranges, else starts again. ``deadline`` (seconds, 0 or
+    None for none) bounds the whole download, retries and waits included. A wrong identity or
     machine is not retried here (the origin serves those bytes) and raises ArtifactError
     (IdentityMismatch for a wrong identity). ``headers`` are sent with every request. The caller
     moves ``tmp_path`` onto ``dest`` (``place``); ``dest`` itself is never touched here.
@@ -243,23 +426,43 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
     dirpath = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(dirpath):
         raise ArtifactError('The directory of %s does not exist; create it before placing the artifact there.' % dest)
+    started = clock()
+    end = started + deadline if deadline else None
+    transfer = Transfer(opener, url, dirpath, timeout, headers=headers, deadline=end, clock=clock)
+    tmp = transfer.path
     attempts = 0
     last = None
-    while True:
-        attempts += 1
-        try:
-            tmp = download_to(opener, url, dirpath, timeout, headers=headers)
-            break
-        except TransientError as e:
-            last = str(e)
-        if attempts > retries:
-            raise ArtifactError('Downloading %s failed after %d attempts (last error: %s); %s was left untouched. '
-                                'Check that the URL (or the mirror rkllm_mirror_url) is reachable from this host.'
-                                % (url, attempts, last, dest))
-        if log:
-            log('attempt %d for %s failed (%s), retrying' % (attempts, url, last))
-        sleep(delay * (2 ** (attempts - 1)))
     try:
+        while True:
+            attempts += 1
+            try:
+                transfer.attempt()
+                break
+            except TransientError as e:
+                last = str(e)
+            except DeadlineExceeded:
+                last = last or 'none'
+                raise ArtifactError('Downloading %s did not finish within its deadline of %s s (%d attempts, %d%s bytes received, '
+                                    'last error: %s); %s was left untouched. The source is too slow or stalls: check the '
+                                    'network and the mirror (rkllm_mirror_url), or allow more time.'
+                                    % (url, _seconds(deadline), attempts, transfer.have,
+                                       '' if transfer.size is None else ' of %d' % transfer.size, last, dest))
+            if attempts > retries:
+                raise ArtifactError('Downloading %s failed after %d attempts (last error: %s) in %s s, %d%s bytes received%s; '
+                                    '%s was left untouched. Check that the URL (or the mirror rkllm_mirror_url) is reachable '
+                                    'from this host.'
+                                    % (url, attempts, last, _seconds(clock() - started), transfer.have,
+                                       '' if transfer.size is None else ' of %d' % transfer.size,
+                                       ' (%d attempts resumed the partial file)' % transfer.resumed if transfer.resumed else '', dest))
+            if log:
+                log('attempt %d for %s failed (%s), %s' % (attempts, url, last,
+                                                            'resuming at byte %d' % transfer.have if transfer.ranges and transfer.have
+                                                            else 'retrying from the start'))
+            wait = delay * (2 ** (attempts - 1))
+            left = transfer.remaining()
+            if left is not None:
+                wait = max(0, min(wait, left))
+            sleep(wait)
         ids = identities_of_file(tmp)
         if not matches(ids, kind, value):
             mismatch = IdentityMismatch('The file downloaded from %s has %s, but %s was expected; %s was left untouched. '
@@ -278,6 +481,10 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
         _unlink(tmp)
         raise
     return tmp, ids, attempts
+
+
+def _seconds(value):
+    return ('%.1f' % value).rstrip('0').rstrip('.')
 
 
 def place(tmp, dest, mode=None):

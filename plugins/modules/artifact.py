@@ -19,6 +19,14 @@ description:
     directory of O(dest), retried on connection errors, timeouts, HTTP 5xx and short reads,
     verified, checked against O(elf_machine) when set, and only then renamed onto O(dest).
     A failed, corrupt or wrong-architecture download never replaces O(dest).
+  - A transfer that breaks mid-body (a timeout, a reset connection, a truncated or short body) is retried like
+    any other transient failure; the retry asks for the missing bytes only (an HTTP C(Range) request guarded by
+    C(If-Range)) when the server announced C(Accept-Ranges: bytes), and starts again from the first byte otherwise.
+  - O(deadline) bounds the whole download, retries included, so a server that keeps sending a byte now and then
+    can't hold the run forever.
+  - Before it starts, it removes the partial files (C(.artifact-*.part)) that an interrupted run of this module
+    left in the directory of O(dest): files of the same user last written before this run began. Removing them
+    does not make the result changed (it is reported in RV(removed_partials)).
   - The identity can be the one the origin publishes, so a known file needs no hand-made checksum, for example
     the git blob id of a file in a git repository at a release tag, or the sha256 of a Hugging Face LFS file.
   - O(url) may be a C(file://) URL, and O(mirror) may be a C(file://) directory laid out as C(<host>/<path>);
@@ -76,9 +84,17 @@ options:
     default: 1.0
   timeout:
     description:
-      - Socket timeout in seconds for each attempt.
+      - Socket timeout in seconds for each attempt, i.e. how long a connection may stay silent.
     type: int
     default: 60
+  deadline:
+    description:
+      - Seconds the whole download may take, every attempt and the waits between them included; then the task fails
+        and O(dest) is left untouched. It is checked between reads, so it can be overrun by at most O(timeout).
+      - C(0) means no deadline (a server that drips bytes then holds the task for as long as it drips).
+      - The default, two hours, lets a 4 GB model come through a 1 MB/s link with time to spare.
+    type: int
+    default: 7200
   validate_certs:
     description:
       - Verify the TLS certificate of HTTPS URLs.
@@ -164,6 +180,12 @@ attempts:
   returned: always
   type: int
   sample: 1
+removed_partials:
+  description: Partial download files an interrupted earlier run left in the directory of O(dest), removed before this run.
+  returned: always
+  type: list
+  elements: str
+  sample: [/var/lib/rkllama/RKLLAMA/models/Qwen2.5-1.5B-Instruct/.artifact-k2j3h4.part]
 elf_machine:
   description: Machine named by the ELF header of O(dest), when O(elf_machine) is set and the file is in place.
   returned: when O(elf_machine) is set
@@ -173,6 +195,7 @@ elf_machine:
 
 import os
 import socket
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.converters import to_native
@@ -184,6 +207,7 @@ from ansible_collections.rkllm.fleet.plugins.module_utils.artifacts import (
     REFRESH_HEADERS,
     ArtifactError,
     IdentityMismatch,
+    RangeNotSatisfiable,
     TransientError,
     dest_state,
     elf_machine_of_file,
@@ -192,6 +216,7 @@ from ansible_collections.rkllm.fleet.plugins.module_utils.artifacts import (
     normalize_identity,
     place,
     refreshable,
+    remove_stale_parts,
 )
 
 
@@ -212,6 +237,8 @@ def make_opener(validate_certs=True):
             return open_url(url, timeout=timeout, validate_certs=validate_certs, follow_redirects='safe',
                             http_agent='rkllm.fleet-artifact', headers=headers)
         except HTTPError as e:
+            if e.code == 416:
+                raise RangeNotSatisfiable('HTTP 416 to a resumed download')
             if e.code >= 500 or e.code in (408, 429):
                 raise TransientError('HTTP %d %s' % (e.code, to_native(e.reason)))
             raise ArtifactError('%s answered HTTP %d %s; nothing was changed. Check the URL, or that the mirror holds this file.'
@@ -224,12 +251,17 @@ def make_opener(validate_certs=True):
 
 def run(params, check_mode, opener=None, sleep=None, log=None):
     """Do the work; return the result dict (without file attribute changes). Raises ArtifactError."""
+    started = time.time()
     kind, value = normalize_identity(params.get('sha256'), params.get('git_blob'))
     dest = params['dest']
     elf = params.get('elf_machine')
     url = mirror_url(params['url'], params.get('mirror') or '')
     result = {'changed': False, 'dest': dest, 'url': url, 'downloaded': False, 'attempts': 0,
-              'sha256': None, 'git_blob': None, 'size': None}
+              'sha256': None, 'git_blob': None, 'size': None, 'removed_partials': []}
+
+    if not check_mode:
+        # A run killed mid-download (Ctrl-C, a lost controller) leaves its partial file behind.
+        result['removed_partials'] = remove_stale_parts(os.path.dirname(os.path.abspath(dest)), started)
 
     ok, ids = dest_state(dest, kind, value, elf)
     if ok:
@@ -243,7 +275,7 @@ def run(params, check_mode, opener=None, sleep=None, log=None):
         return result
 
     kwargs = {'elf': elf, 'retries': params.get('retries', 3), 'timeout': params.get('timeout', 60),
-              'delay': params.get('retry_delay', 1.0), 'log': log}
+              'delay': params.get('retry_delay', 1.0), 'deadline': params.get('deadline', 7200), 'log': log}
     if sleep is not None:
         kwargs['sleep'] = sleep
     opener = opener or make_opener(params.get('validate_certs', True))
@@ -281,6 +313,7 @@ def main():
             retries=dict(type='int', default=3),
             retry_delay=dict(type='float', default=1.0),
             timeout=dict(type='int', default=60),
+            deadline=dict(type='int', default=7200),
             validate_certs=dict(type='bool', default=True),
         ),
         mutually_exclusive=[('sha256', 'git_blob')],
@@ -290,6 +323,10 @@ def main():
     )
     if module.params['retries'] < 0:
         module.fail_json(msg='retries must be 0 or more.')
+    if module.params['deadline'] < 0:
+        module.fail_json(msg='deadline must be 0 (none) or a number of seconds.')
+    if module.params['timeout'] <= 0:
+        module.fail_json(msg='timeout must be a number of seconds greater than 0.')
     try:
         used_url = mirror_url(module.params['url'], module.params['mirror'] or '')
     except ArtifactError:
@@ -298,6 +335,8 @@ def main():
         result = run(module.params, module.check_mode, log=module.warn if module._verbosity >= 1 else None)
     except ArtifactError as e:
         module.fail_json(msg=str(e), dest=module.params['dest'], url=used_url)
+    for path in result['removed_partials']:
+        module.warn('Removed %s, a partial download an interrupted earlier run left behind.' % path)
 
     if os.path.exists(result['dest']):
         file_args = module.load_file_common_arguments(module.params, path=result['dest'])
