@@ -18,7 +18,7 @@ LAB_INVENTORY ?= inventories/lab
 # `make molecule SCENARIOS=faults`.
 SCENARIOS ?= default upgrade faults
 
-.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity unit molecule lab-pins clean
+.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity unit acceptance molecule lab-pins clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ sanity: venv ## ansible-test sanity on a copy placed under ansible_collections/r
 unit: venv ## pytest: modules, module_utils, filters, lab stand-ins and lab upstream
 	@echo "==> pytest"
 	@$(BIN)/pytest
+
+acceptance: venv ## the fleet's contract (tests/acceptance) against an inventory: make acceptance INVENTORY=inventories/mine
+	@$(BIN)/pytest tests/acceptance --ansible-inventory=$(or $(INVENTORY),$(LAB_INVENTORY)) -p no:cacheprovider -rfEs $(PYTEST_ARGS)
 
 molecule: venv ## Molecule scenarios on the lab images ($(SCENARIOS))
 	@$(PY) lab/lab.py images
