@@ -1,28 +1,44 @@
-"""exo-rkllama lab stand-in: `python -m exo.main` (rkllm.fleet lab only; not exo)."""
+"""exo-rkllama lab stand-in: `python -m exo.main` (rkllm.fleet lab only; not exo).
+
+The API imitates exo/api/chatgpt_api.py and the node exo/orchestration/node.py of exo-rkllama 0c831d3;
+the engine is exo/rkllm_engine.py here. File:line references are to the fork at that commit.
+"""
 
 import argparse
 import json
 import os
+import queue
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 if sys.version_info < (3, 12):
     raise SystemExit("exo requires Python 3.12 or newer")
 
 from exo import metrics  # noqa: E402  (after the version gate, as the fork's imports would fail)
+from exo.rkllm_engine import EOS, Engine, encode  # noqa: E402
 
-MODEL_MAP = {
-    "deepseek-r1-1.5b-rkllm": "DeepSeek-R1-1.5B",
-    "qwen2.5-1.5b-rkllm": "Qwen2.5-1.5B",
-    "qwen2.5-1.5b-instruct-rkllm": "Qwen2.5-1.5B-Instruct",
-    "qwen2.5-3b-rkllm": "Qwen2.5-3B",
-    "qwen2.5-7b-rkllm": "Qwen2.5-7B",
-    "phi-3-mini-rkllm": "Phi-3-mini",
-}
+ENGINE_CLASS = "RKLLMInferenceEngine"
+# exo/inference/rkllm/models.py:12-37: the only model cards with a repo for the RKLLM engine.
+RKLLM_MODELS = ["qwen2.5-1.5b-rkllm", "qwen2.5-1.5b-instruct-rkllm", "qwen2.5-3b-rkllm", "qwen2.5-7b-rkllm",
+                "deepseek-r1-1.5b-rkllm", "phi-3-mini-rkllm"]
+# exo/models.py:4-156: the built-in cards (no RKLLM repo); they are "known" models, so they pass the
+# model_cards check (chatgpt_api.py:349) and then get 400 (chatgpt_api.py:353-361).
+BUILTIN_MODELS = [
+    "llama-3.3-70b", "llama-3.2-1b", "llama-3.2-1b-8bit", "llama-3.2-3b", "llama-3.2-3b-8bit", "llama-3.2-3b-bf16",
+    "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-70b-bf16", "llama-3-8b", "llama-3-70b", "llama-3.1-405b",
+    "llama-3.1-405b-8bit", "mistral-nemo", "mistral-large", "deepseek-coder-v2-lite", "deepseek-coder-v2.5",
+    "deepseek-v3", "deepseek-v3-3bit", "deepseek-r1", "deepseek-r1-3bit", "deepseek-r1-distill-qwen-1.5b",
+    "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-qwen-14b", "deepseek-r1-distill-qwen-32b",
+    "deepseek-r1-distill-llama-8b", "deepseek-r1-distill-llama-70b", "llava-1.5-7b-hf", "qwen-2.5-0.5b",
+    "qwen-2.5-1.5b", "qwen-2.5-coder-1.5b", "qwen-2.5-3b", "qwen-2.5-coder-3b", "qwen-2.5-7b", "qwen-2.5-coder-7b",
+    "qwen-2.5-math-7b", "qwen-2.5-14b", "qwen-2.5-coder-14b", "qwen-2.5-32b", "qwen-2.5-coder-32b", "qwen-2.5-72b",
+    "qwen-2.5-math-72b", "nemotron-70b", "nemotron-70b-bf16", "gemma2-9b", "gemma2-27b", "stable-diffusion-2-1-base",
+    "phi-3.5-mini", "phi-4", "dummy",
+]
+MODEL_CARDS = BUILTIN_MODELS + RKLLM_MODELS  # exo/models.py:157-160 appends the RKLLM cards
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,6 +51,7 @@ def lab_build():
 
 
 def parse_args(argv=None):
+    # exo/main.py:40-100 (the flags the roles and tests use; defaults as the fork's)
     p = argparse.ArgumentParser()
     p.add_argument("command", nargs="?", choices=["run", "eval", "train"])
     p.add_argument("model_name", nargs="?")
@@ -60,198 +77,182 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class Engine:
-    """The RKLLM engine: rkllama's old HTTP API, one request at a time."""
+def build_prompt(messages):
+    """A chat-templated prompt (chatgpt_api.py:141-160); the engine's client cuts the first user turn back out."""
+    out = [f"<|im_start|>{m.get('role')}\n{m.get('content')}<|im_end|>\n" for m in messages]
+    return "".join(out) + "<|im_start|>assistant\n"
 
-    def __init__(self, host, port, timeout):
-        self.base = f"http://{host}:{port}"
-        self.timeout = timeout
-        self.lock = threading.Lock()
-        self.loaded = None
 
-    def _call(self, method, path, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        return urllib.request.urlopen(req, timeout=self.timeout)  # pylint: disable=consider-using-with
+class Node:
+    """exo/orchestration/node.py: one token per step, each step a new task; the answer ends at EOS or
+    at --max-generate-tokens (node.py:116-154). Nothing serializes two requests."""
 
-    def up(self):
-        try:
-            with self._call("GET", "/") as resp:
-                return resp.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
+    def __init__(self, engine, max_generate_tokens):
+        self.engine = engine
+        self.max_generate_tokens = max_generate_tokens
 
-    def ensure_model(self, name):
-        """Make rkllama hold model `name`, as the fork's engine does."""
-        # The fork's engine remembers what it loaded and then checks nothing more: if rkllama restarts
-        # (and so loses its model) the engine does not notice, and /generate answers 400 from then on.
-        if self.loaded == name:
+    def process_prompt(self, model_id, prompt, request_id, on_token):
+        """node.py:157-216: returns once the first token is out (for a plain model: after the whole generation)."""
+        token = self.engine.infer_tensor(request_id, model_id, prompt)
+        buffered = []
+        if self._process_inference_result(token, buffered, on_token):
             return
-        # rkllm_server_up is set here only, when the engine checks before a load (never on a scrape).
-        up = self.up()
-        metrics.set_gauge("rkllm_server_up", 1 if up else 0)
-        if not up:
-            raise ConnectionError(f"RKLLM server not available at {self.base}. Please start the rkllama server with: "
-                                  f"python server.py --target_platform rk3588 --port {self.base.rsplit(':', 1)[1]}")
-        start = time.time()
-        if not self._load(name):
-            metrics.observe("rkllm_model_load_duration_seconds", time.time() - start)
-            raise RuntimeError(f"Failed to load RKLLM model: {name}. Available models: {self._models()}")
-        metrics.observe("rkllm_model_load_duration_seconds", time.time() - start)
-        self.loaded = name
+        threading.Thread(target=self._forward, args=(model_id, request_id, buffered, on_token), daemon=True).start()
 
-    def _load(self, name):
-        """The fork's client: /current_model, /unload_model if another is loaded, /load_model; any failure => False."""
+    def _forward(self, model_id, request_id, buffered, on_token):
+        """node.py:355-388,432-451: the following steps feed each token back to the engine."""
         try:
-            try:
-                with self._call("GET", "/current_model") as resp:
-                    current = json.load(resp).get("model_name")
-            except urllib.error.HTTPError:
-                current = None
-            if current == name:
-                return True
-            if current:
-                self._call("POST", "/unload_model", {}).close()
-            with self._call("POST", "/load_model", {"model_name": name}) as resp:
-                return resp.status == 200
-        except (OSError, ValueError):
-            return False
+            while True:
+                token = self.engine.infer_tensor(request_id, model_id, buffered[-1])
+                if self._process_inference_result(token, buffered, on_token):
+                    return
+        except Exception as exc:  # pylint: disable=broad-except  (node.py:385-388 prints and drops the request)
+            sys.stderr.write(f"Error processing tensor for shard {model_id}: {exc}\n")
 
-    def _models(self):
-        try:
-            with self._call("GET", "/models") as resp:
-                return json.load(resp).get("models", [])
-        except (OSError, ValueError):
-            return []
-
-    def generate(self, messages):
-        """Yield text pieces from rkllama's stream, read to its end.
-
-        Like the fork: rkllama gets one user message (the first user turn the fork finds in the
-        templated prompt: history and system prompt are dropped), and any failure of /generate
-        (400 after an rkllama restart, 500, timeout, refused connection) just ends the answer,
-        so the client gets 200 with whatever came so far, usually nothing.
-        """
-        users = [m for m in messages if m.get("role") == "user"]
-        content = str(users[0].get("content", "")) if users else "\n".join(str(m.get("content", "")) for m in messages)
-        try:
-            with self._call("POST", "/generate", {"messages": [{"role": "user", "content": content}], "stream": True}) as resp:
-                buf = b""
-                for line in resp:
-                    buf += line
-                    if line.strip() == b"" and buf.strip():
-                        piece = json.loads(buf)
-                        buf = b""
-                        yield piece["choices"][0].get("content") or ""
-                if buf.strip():
-                    yield json.loads(buf)["choices"][0].get("content") or ""
-        except (OSError, ValueError, KeyError, IndexError) as exc:
-            sys.stderr.write(f"RKLLM stream error: {exc}\n")
+    def _process_inference_result(self, token, buffered, on_token):
+        """node.py:116-154; returns is_finished."""
+        is_finished = len(buffered) >= self.max_generate_tokens
+        if not is_finished:
+            buffered.append(token)
+            is_finished = token is EOS or len(buffered) >= self.max_generate_tokens
+        on_token([buffered[-1]], is_finished)  # node.py:134,143: one token per callback
+        return is_finished
 
 
 class Api(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "exo-lab"
-    _started = False
+    server_version = "Python/3.12 aiohttp/3.10"
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
         sys.stderr.write("%s %s\n" % (self.address_string(), format % args))
 
-    def _send(self, code, body, ctype="application/json"):
+    def _send(self, code, body, ctype="application/json; charset=utf-8"):
+        # No X-Exo-Node-Id (or any node) header: the fork never sends one.
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Exo-Node-Id", self.server.node_id)
         self.end_headers()
         self.wfile.write(data)
 
     def do_GET(self):  # pylint: disable=invalid-name
         if self.path == "/healthcheck":
             self._send(200, {"status": "ok"})
-        elif self.path in ("/v1/models", "/models"):
+        elif self.path in ("/v1/models", "/models"):  # chatgpt_api.py:300-302: every model card
             self._send(200, {"object": "list", "lab_build": self.server.build.get("version"),
-                             "data": [{"id": m, "object": "model", "owned_by": "exo", "ready": True} for m in MODEL_MAP]})
+                             "data": [{"id": m, "object": "model", "owned_by": "exo", "ready": True} for m in MODEL_CARDS]})
         elif self.path == "/metrics":
-            self._send(200, metrics.render().encode(), "text/plain; version=0.0.4")
+            self._send(200, metrics.render().encode(), "text/plain; charset=utf-8")
         else:
-            self._send(404, {"detail": "Not Found"})
+            self._send(404, b"404: Not Found", "text/plain; charset=utf-8")
 
     def do_POST(self):  # pylint: disable=invalid-name
         if self.path not in ("/v1/chat/completions", "/chat/completions"):
-            self._send(404, {"detail": "Not Found"})
+            self._send(404, b"404: Not Found", "text/plain; charset=utf-8")
             return
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        model = body.get("model") or self.server.default_model
-        stream = bool(body.get("stream"))
-        self._started = False
+        self._chat_completions()
+
+    def _chat_completions(self):
+        """chatgpt_api.py:334-502."""
+        start, first_token_time, model_name, status = time.time(), None, "unknown", "success"
         metrics.inc("exo_requests_in_progress", 1)
-        start, status = time.time(), "error"
+        started = False
         try:
+            data = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
             if self.server.build.get("fault") == "bad_answers":
-                self._send(500, {"detail": "Error processing prompt: lab build fault"})
-                return
-            if model not in MODEL_MAP or model.startswith("gpt-"):
-                # The fork answers an unknown model (and any gpt-*) with its default model, not an error.
+                raise RuntimeError("lab build fault")
+            stream = data.get("stream", False)
+            # chatgpt_api.py:169-175,346-351: no model => the default model; gpt-* => the default model;
+            # an id that is no model card => the default model. Without --default-model that is
+            # llama-3.2-1b (chatgpt_api.py:203), which has no RKLLM repo => 400 below.
+            model = data.get("model", self.server.default_model)
+            messages = data["messages"]
+            for msg in messages:
+                if "role" not in msg or "content" not in msg:
+                    raise ValueError(f"Invalid message: {msg}. Must have 'role' and 'content'")
+            if model and model.startswith("gpt-"):
                 model = self.server.default_model
-            with self.server.engine.lock:
-                status = self._complete(model, body.get("messages") or [], stream, start)
-        except (OSError, urllib.error.URLError, ValueError, RuntimeError) as exc:
-            if self._started:
-                raise  # the client went away mid-stream: nothing more to send
-            # Raised before the first byte is sent (rkllama down, load failed): the fork's 500.
+            if not model or model not in MODEL_CARDS:
+                model = self.server.default_model
+            model_name = model
+            if model not in RKLLM_MODELS:  # chatgpt_api.py:353-361 (build_base_shard: exo/models.py:263-268)
+                status = "error"
+                metrics.inc("exo_errors_total", 1, {"type": "unsupported_model", "model": model_name})
+                self._send(400, {"detail": f"Unsupported model: {model} with inference engine {ENGINE_CLASS}. "
+                                           f"Supported models for this engine: {RKLLM_MODELS}"})
+                return
+            prompt = build_prompt(messages)
+            metrics.inc("exo_prompt_tokens_total", len(encode(prompt)), {"model": model_name})
+            request_id = str(uuid.uuid4())
+            tokens_q = queue.Queue()
+            # chatgpt_api.py:383: the handler waits for process_prompt, i.e. until the first token is out.
+            # For every model but DeepSeek that is after the whole generation, so a streamed answer's
+            # headers and first token reach the client only when rkllama has finished.
+            self.server.node.process_prompt(model, prompt, request_id, lambda toks, fin: tokens_q.put((toks, fin)))
+            timeout = self.server.response_timeout
+            if stream:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                started = True
+                total_tokens = 0
+                while True:  # chatgpt_api.py:400-441
+                    toks, finished = tokens_q.get(timeout=timeout)
+                    if first_token_time is None:
+                        first_token_time = time.time()
+                        metrics.observe("exo_first_token_latency_seconds", first_token_time - start)
+                    if metrics.LAB_PATCH_STREAM_METRICS:
+                        total_tokens += len(toks)  # 0002-stream-metrics: every batch counts
+                    else:
+                        total_tokens = len(toks)  # chatgpt_api.py:413: only the last batch (1 token) counts
+                    finish = ("stop" if toks[-1] is EOS else "length") if finished else None
+                    chunk = self._completion(request_id, model, toks, finish, stream=True)
+                    self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    if finished:
+                        break
+                # No usage chunk and no `data: [DONE]`: the body just ends (chatgpt_api.py:439).
+                self._chunk(b"")
+                metrics.inc("exo_tokens_generated_total", total_tokens, {"model": model_name})
+                return
+            tokens = []
+            while True:  # chatgpt_api.py:466-477
+                toks, finished = tokens_q.get(timeout=timeout)
+                if first_token_time is None:
+                    first_token_time = time.time()
+                    metrics.observe("exo_first_token_latency_seconds", first_token_time - start)
+                tokens.extend(toks)
+                if finished:
+                    break
+            metrics.inc("exo_tokens_generated_total", len(tokens), {"model": model_name})
+            answer = self._completion(request_id, model, tokens, "stop" if tokens[-1] is EOS else "length", stream=False)
+            prompt_tokens = len(encode(prompt))
+            answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                               "total_tokens": prompt_tokens + len(tokens)}
+            self._send(200, answer)
+        except queue.Empty:
+            status = "timeout"
+            metrics.inc("exo_errors_total", 1, {"type": "timeout", "model": model_name})
+            if not started:
+                self._send(408, {"detail": "Response generation timed out"})
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            status = "error"
+            if started:
+                return  # the client went away mid-stream: nothing more to send
+            metrics.inc("exo_errors_total", 1, {"type": "exception", "model": model_name})
+            # chatgpt_api.py:493-497 (rkllama down before the first load, a failed load, a bad body)
             self._send(500, {"detail": f"Error processing prompt (see logs with DEBUG>=2): {exc}"})
         finally:
             metrics.inc("exo_requests_in_progress", -1)
-            metrics.inc("exo_requests_total", 1, {"model": model or "", "status": status})
             metrics.observe("exo_request_duration_seconds", time.time() - start)
-
-    def _complete(self, model, messages, stream, start):
-        engine = self.server.engine
-        engine.ensure_model(MODEL_MAP[model])
-        cid, created = f"chatcmpl-{int(start * 1000)}", int(start)
-        pieces, first = [], None
-        if stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("X-Exo-Node-Id", self.server.node_id)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self._started = True
-        infer_start = time.time()
-        for piece in engine.generate(messages):
-            if first is None:
-                first = time.time()
-                metrics.observe("exo_first_token_latency_seconds", first - start)
-            pieces.append(piece)
-            if stream:
-                chunk = self._completion(cid, created, model, piece, None, stream=True)
-                self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        elapsed = time.time() - infer_start
-        metrics.observe("rkllm_inference_duration_seconds", elapsed)
-        # The fork never sets exo_tokens_per_second (declared, never written: no sample is exported).
-        # Streamed, it counts only the last chunk's tokens (one) into exo_tokens_generated_total.
-        metrics.inc("exo_tokens_generated_total", 1 if stream else len(pieces) + 1, {"model": model})
-        if stream:
-            # The fork's end of a stream: one last chunk with finish_reason "stop" (the end-of-sequence
-            # token, decoded to nothing here), no usage, no `data: [DONE]`; then the connection's body ends.
-            final = self._completion(cid, created, model, "", "stop", stream=True)
-            self._chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
-            self._chunk(b"")
-        else:
-            answer = self._completion(cid, created, model, "".join(pieces), "stop", stream=False)
-            prompt_tokens = sum(len(str(m.get("content", ""))) // 4 + 1 for m in messages)
-            answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces) + 1,
-                               "total_tokens": prompt_tokens + len(pieces) + 1}
-            self._send(200, answer)
-        return "success"
+            metrics.inc("exo_requests_total", 1, {"model": model_name, "status": status})
 
     @staticmethod
-    def _completion(cid, created, model, content, finish, stream):
-        """The fork's generate_completion shape (delta when streamed, message otherwise)."""
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+    def _completion(request_id, model, tokens, finish, stream):
+        """chatgpt_api.py:64-104 (EOS decodes to "" here)."""
+        content = "".join(t for t in tokens if t is not EOS)
+        return {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
                 "system_fingerprint": "exo_0.0.1",
                 "choices": [{"index": 0, "delta" if stream else "message": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": finish}]}
@@ -273,13 +274,14 @@ def main(argv=None):
             peers = json.load(f)["peers"]
         if args.node_id not in peers:
             raise ValueError(f"Node {args.node_id} not found in the discovery config {args.discovery_config_path}")
-    engine = Engine(os.environ.get("RKLLM_SERVER_HOST", "localhost"), int(os.environ.get("RKLLM_SERVER_PORT", "8080")),
-                    args.chatgpt_api_response_timeout)
+    # rkllm_engine.py:86-89: RKLLM_SERVER_HOST / RKLLM_SERVER_PORT
+    engine = Engine(os.environ.get("RKLLM_SERVER_HOST", "localhost"), int(os.environ.get("RKLLM_SERVER_PORT", "8080")))
     server = ThreadingHTTPServer(("0.0.0.0", args.chatgpt_api_port), Api)
     server.daemon_threads = True
-    server.engine, server.build = engine, build
-    server.node_id = args.node_id or "exo-node"
-    server.default_model = args.default_model or "qwen2.5-1.5b-instruct-rkllm"
+    server.build = build
+    server.node = Node(engine, args.max_generate_tokens)
+    server.response_timeout = args.chatgpt_api_response_timeout
+    server.default_model = args.default_model or "llama-3.2-1b"  # chatgpt_api.py:203
     print(f"Chat interface started: http://0.0.0.0:{args.chatgpt_api_port} (lab build {build.get('version')})", flush=True)
     server.serve_forever()
 
