@@ -2,7 +2,9 @@
 
 Each test runs server.py as a subprocess on a free 127.0.0.1 port, with a temporary HOME
 (~/RKLLAMA with the lab runtime library and lab models, a warm Hugging Face cache) and a
-temporary sysroot written by lab/boards.py.
+temporary sysroot written by lab/boards.py. `patched` servers run a copy of the stand-in with
+the lab's patches (lab/stand-ins/patches/rkllama) applied by `git apply`, as the role applies
+them on a lab board; the others behave like the unpatched fork.
 """
 import hashlib
 import importlib.util
@@ -13,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,11 +26,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "lab" / "stand-ins" / "rkllama"
 RUNTIME = ROOT / "lab" / "runtime" / "dist" / "1.2.3"
+LAB_PATCHES = ROOT / "lab" / "stand-ins" / "patches" / "rkllama"
 QWEN = "Qwen2.5-1.5B-Instruct"
 QWEN_TOKENIZER = "Qwen/Qwen2.5-1.5B-Instruct"
 HI = [{"role": "user", "content": "hi"}]
 # The stand-in's answer at the default RKLLM_LAB_ANSWER_TOKENS (24).
 ANSWER = "The NPU on this board answers one request at a time." + "The NPU on this board answers one request at a time Done."
+LAST = " Done."  # the answer's last token
+RATE = 100  # tokens/s in these tests: slow enough for the fork's 5 ms read loop to keep up
 
 
 def _load(name, path):
@@ -93,13 +99,16 @@ def make_lab(tmp, board="orangepi5-vendor", arch="x86_64"):
 class Server:
     """server.py running as a subprocess; .log holds its output once stopped."""
 
-    def __init__(self, tmp, src=SRC, env=None, preexec_fn=None, port=None):
+    def __init__(self, tmp, src=SRC, env=None, preexec_fn=None, port=None, patched=False, args=()):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         e = dict(os.environ, HOME=str(tmp / "home"), RKLLM_LAB_SYSROOT=str(tmp / "sys"),
-                 RKLLM_LAB_NOFILE_DEMAND="4096", RKLLM_LAB_TOKENS_PER_SECOND="2000", HF_HUB_OFFLINE="1")
+                 RKLLM_LAB_NOFILE_DEMAND="4096", RKLLM_LAB_TOKENS_PER_SECOND=str(RATE), HF_HUB_OFFLINE="1",
+                 RKLLM_LAB_PREFILL_SECONDS="0.05", RKLLM_LAB_THINKING_TOKENS="4")
         e.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, "server.py", "--port", str(self.port)], cwd=src, env=e,
+        if patched:
+            src = patched_copy(src, tmp / f"patched-src-{self.port}")
+        self.proc = subprocess.Popen([sys.executable, "server.py", "--port", str(self.port)] + list(args), cwd=src, env=e,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         self.log = ""
         self.up = False
@@ -120,6 +129,14 @@ class Server:
             self.proc.kill()
         self.log = self.proc.communicate()[0].decode(errors="replace")
         return self.log
+
+
+def patched_copy(src, dest):
+    """A copy of the stand-in with every lab patch applied in name order, as the role applies them."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for patch in sorted(LAB_PATCHES.glob("*.patch")):
+        subprocess.run(["git", "apply", str(patch)], cwd=dest, check=True)
+    return dest
 
 
 def call(url, path, body=None, method=None, timeout=10):
@@ -146,6 +163,15 @@ def lab(tmp_path):
 @pytest.fixture()
 def server(lab):
     srv = Server(lab)
+    assert srv.up, srv.stop()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def patched(lab):
+    """The stand-in with the lab's patches: the fork as the role runs it."""
+    srv = Server(lab, patched=True)
     assert srv.up, srv.stop()
     yield srv
     srv.stop()
@@ -207,7 +233,8 @@ def test_current_model_404_when_none(server):
     assert code == 404 and json.loads(text) == {"error": "No models are currently loaded."}
 
 
-def test_generate_plain_answer_with_usage(server):
+def test_generate_plain_answer_with_usage(patched):
+    server = patched
     assert load(server)[0] == 200
     code, text, _ = call(server.url, "/generate", {"messages": HI})
     answer = json.loads(text)
@@ -218,7 +245,8 @@ def test_generate_plain_answer_with_usage(server):
     assert usage["prompt_tokens"] > 0 and usage["tokens_per_second"] > 0
 
 
-def test_generate_stream_one_object_per_token_and_finish_reason_null(server):
+def test_generate_stream_one_object_per_token_and_finish_reason_null(patched):
+    server = patched
     assert load(server)[0] == 200
     code, text, headers = call(server.url, "/generate", {"messages": HI, "stream": True})
     parts = chunks(text)
@@ -290,8 +318,9 @@ def test_modelfile_is_parsed_with_dotenv(lab):
         srv.stop()
 
 
-def test_modelfile_values_leak_into_the_next_load(server, lab):
+def test_modelfile_values_leak_into_the_next_load(patched, lab):
     """load_dotenv(override=True): a key the next Modelfile leaves out keeps the previous value."""
+    server = patched
     home = lab / "home"
     add_model(home, "Short", modelfile=f'FROM="m.rkllm"\nHUGGINGFACE_PATH="{QWEN_TOKENIZER}"\nMAX_NEW_TOKENS="5"\n')
     assert load(server, "Short")[0] == 200
@@ -348,7 +377,8 @@ def test_model_from_a_newer_toolkit_than_the_runtime_is_invalid(server, lab):
     assert "E rkllm: invalid rkllm model!" in log and "1.3.0 is newer than runtime 1.2.3" in log
 
 
-def test_no_per_request_token_limit(server):
+def test_no_per_request_token_limit(patched):
+    server = patched
     assert load(server)[0] == 200
     code, text, _ = call(server.url, "/generate", {"messages": HI, "max_tokens": 3})
     assert code == 200 and json.loads(text)["usage"]["completion_tokens"] == 24
@@ -366,27 +396,37 @@ def test_roles_must_alternate(server):
     assert "ValueError: Les rôles doivent alterner" in server.stop()
 
 
-def test_abandoned_stream_leaks_into_the_next_answer(lab):
-    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "40"})
+def abandon_stream(srv, chunks_read=2):
+    """Start a stream, read CHUNKS_READ of its chunks, then go away."""
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        body = json.dumps({"messages": HI, "stream": True}).encode()
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        seen = b""
+        while seen.count(b"rkllm_chat") < 2 * chunks_read:  # each chunk names rkllm_chat twice (id, object)
+            seen += sock.recv(4096)
+
+
+@pytest.mark.parametrize("patches", [False, True], ids=["fork", "patched"])
+def test_abandoned_stream_and_the_next_answer(lab, patches):
+    """process.py:131-132: the lock is gone once the stream starts, and its generation keeps running."""
+    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "40"}, patched=patches)
     try:
         assert load(srv)[0] == 200
-        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-            body = json.dumps({"messages": HI, "stream": True}).encode()
-            sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            seen = b""
-            while seen.count(b"rkllm_chat") < 4:  # two chunks: each names rkllm_chat twice (id, object)
-                seen += sock.recv(4096)
+        abandon_stream(srv)
         answer = json.loads(call(srv.url, "/generate", {"messages": HI})[1])["choices"][0]["content"]
     finally:
         srv.stop()
-    assert answer != ANSWER and answer.endswith(ANSWER)
-    abandoned = answer[:-len(ANSWER)]
-    assert ANSWER.endswith(abandoned) and abandoned != ANSWER  # the unread rest of the abandoned answer
+    if patches:
+        # 0002 ends the abandoned generation and unlocks; 0001 drops what it left in the buffer.
+        assert answer == ANSWER
+    else:
+        # The next request starts at once and reads its own tokens mixed with the abandoned one's.
+        assert answer != ANSWER and len(answer) > len(ANSWER) - len(LAST)
 
 
 def test_generation_rate(lab):
-    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "20", "RKLLM_LAB_ANSWER_TOKENS": "10"})
+    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "20", "RKLLM_LAB_ANSWER_TOKENS": "10"}, patched=True)
     try:
         assert load(srv)[0] == 200
         start = time.monotonic()
@@ -422,3 +462,176 @@ def test_lab_build_no_start(lab, faulty_src):
     srv = Server(lab, src=faulty_src("no_start"))
     log = srv.stop()
     assert not srv.up and srv.proc.returncode != 0 and "Traceback" in log and "does not start" in log
+
+
+# --- what the pinned fork really does (REFERENCE.md "How the pinned forks really behave") -----
+
+def stream_timed(url, body, timeout=30):
+    """[(seconds since the request, chunk)] of one streamed /generate, read to its end."""
+    req = urllib.request.Request(url + "/generate", data=json.dumps(dict(body, stream=True)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.monotonic()
+    out, pending = [], b""
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        while True:
+            data = r.read1(65536)
+            if not data:
+                break
+            pending += data
+            *done, pending = pending.split(b"\n\n")
+            out += [(time.monotonic() - start, json.loads(c)) for c in done if c.strip()]
+    return out
+
+
+def plain_answer(srv):
+    return json.loads(call(srv.url, "/generate", {"messages": HI})[1])["choices"][0]["content"]
+
+
+def stream_answer(srv):
+    return "".join(c["choices"][0]["content"] for _t, c in stream_timed(srv.url, {"messages": HI}))
+
+
+@pytest.mark.parametrize("read", [plain_answer, stream_answer], ids=["plain", "stream"])
+def test_fork_hands_the_last_token_of_an_answer_to_the_next_request(lab, read):
+    """process.py:72-79, 102-126: the loop ends with the runtime thread, not with the buffer.
+
+    At 16 tokens/s the plain loop spends most of each token's time where the fork's reader loses
+    the race (a real board at 8 tokens/s: more still); the streamed loop loses it nearly always.
+    """
+    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "16", "RKLLM_LAB_ANSWER_TOKENS": "6"})
+    answer = "The NPU on this board" + LAST
+    try:
+        assert load(srv)[0] == 200
+        answers = [read(srv) for _ in range(8)]
+    finally:
+        srv.stop()
+    # An answer may lose its last token, and start with the one the answer before it lost.
+    assert all(a in (answer, answer[:-len(LAST)], LAST + answer, LAST + answer[:-len(LAST)]) for a in answers), answers
+    assert len([a for a in answers[1:] if a.startswith(LAST)]) >= 2, answers
+
+
+@pytest.mark.parametrize("read", [plain_answer, stream_answer], ids=["plain", "stream"])
+def test_patched_answers_carry_no_token_of_another_answer(patched, read):
+    assert load(patched)[0] == 200
+    assert [read(patched) for _ in range(10)] == [ANSWER] * 10
+
+
+def test_a_stale_token_is_the_first_chunk_of_the_next_stream_at_once(server):
+    """What model_check must not take for the first token: the stale chunk comes before the prefill."""
+    assert load(server)[0] == 200
+    stream_answer(server)
+    timed = stream_timed(server.url, {"messages": HI})
+    assert timed[0][1]["choices"][0]["content"] == LAST
+    assert timed[1][0] - timed[0][0] >= 0.04  # RKLLM_LAB_PREFILL_SECONDS=0.05: the real first token
+    # process.py:24-29, 123: sent before the loop's first pass, its tokens_per_second is still the integer 0.
+    assert type(timed[0][1]["usage"]["tokens_per_second"]) is int
+    assert all(type(c["usage"]["tokens_per_second"]) is float for _t, c in timed[1:])
+
+
+def concurrent_streams(srv, count):
+    """Start COUNT streams at once; return [(seconds, chunk) list] per stream."""
+    results = [None] * count
+
+    def one(i):
+        results[i] = stream_timed(srv.url, {"messages": HI}, timeout=60)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_fork_runs_two_concurrent_streams_at_once_and_interleaves_their_tokens(server):
+    """process.py:131-132 + server.py:277: the lock is released when the streamed Response is returned."""
+    assert load(server)[0] == 200
+    start = time.monotonic()
+    streams = concurrent_streams(server, 2)
+    elapsed = time.monotonic() - start
+    texts = ["".join(c["choices"][0]["content"] for _t, c in s) for s in streams]
+    assert all(t != ANSWER and t for t in texts), texts
+    # Both generations ran at once: together they took about as long as one.
+    assert elapsed < 1.6 * (0.05 + 24 / RATE) + 0.5
+    assert sum(len(s) for s in streams) >= 2 * 24 - 2
+
+
+def test_fork_serializes_plain_requests(server):
+    assert load(server)[0] == 200
+    answers = [None, None]
+
+    def one(i):
+        answers[i] = plain_answer(server)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # One after the other: each is the answer (give or take the last token the fork moves along).
+    assert sorted(answers) == sorted([ANSWER[:-len(LAST)], LAST + ANSWER[:-len(LAST)]]) or \
+        all(a.replace(LAST, "") == ANSWER.replace(LAST, "") for a in answers), answers
+
+
+def test_patched_concurrent_streams_wait_their_turn_and_all_succeed(patched):
+    assert load(patched)[0] == 200
+    streams = concurrent_streams(patched, 4)
+    texts = ["".join(c["choices"][0]["content"] for _t, c in s) for s in streams]
+    assert texts == [ANSWER] * 4
+    spans = sorted((s[0][0], s[-1][0]) for s in streams)
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        assert begin >= end - 0.01, spans  # no two generations overlap
+
+
+def test_deepseek_thinks_in_silence_between_think_and_its_end(lab):
+    """callback.py:72-95: `<think>` at the first thinking token, then nothing until `</think> (N tokens)`."""
+    srv = Server(lab, env={"RKLLM_LAB_THINKING_TOKENS": "30"}, patched=True)
+    try:
+        assert load(srv, "DeepSeek-R1-1.5B")[0] == 200
+        timed = stream_timed(srv.url, {"messages": HI})
+        plain = json.loads(call(srv.url, "/generate", {"messages": HI})[1])
+    finally:
+        srv.stop()
+    contents = [c["choices"][0]["content"] for _t, c in timed]
+    assert contents[:2] == ["<think>", "</think> (30 tokens)\n"]
+    assert "".join(contents[2:]) == ANSWER
+    silence = timed[1][0] - timed[0][0]
+    assert silence >= 0.9 * 29 / RATE  # 29 more thinking tokens, each sent nowhere
+    assert plain["choices"][0]["content"] == "<think></think> (30 tokens)\n" + ANSWER
+    # The fork counts what it read from the buffer, not the tokens the model generated.
+    assert plain["usage"]["completion_tokens"] == 2 + 24
+
+
+def test_deepseek_cut_by_max_new_tokens_while_thinking(lab):
+    add_model(lab / "home", "DeepSeek-Short", upstream.model_file("DeepSeek-R1-1.5B", "rk3588"),
+              'FROM="m.rkllm"\nHUGGINGFACE_PATH="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"\nMAX_NEW_TOKENS="10"\n')
+    srv = Server(lab, env={"RKLLM_LAB_THINKING_TOKENS": "30"}, patched=True)
+    try:
+        assert load(srv, "DeepSeek-Short")[0] == 200
+        answer = json.loads(call(srv.url, "/generate", {"messages": HI})[1])["choices"][0]["content"]
+    finally:
+        srv.stop()
+    assert answer == "<think></think> (10 thinking tokens)\n"  # callback.py:32-40
+
+
+def test_modelfile_without_from_after_another_model_is_a_500(server, lab):
+    """server.py:68-87: FROM stays in the environment from the previous load; its file is not here."""
+    home = lab / "home"
+    add_model(home, "NoFrom", modelfile=f'HUGGINGFACE_PATH="{QWEN_TOKENIZER}"\n')
+    (home / "RKLLAMA" / "models" / "NoFrom" / "m.rkllm").rename(home / "RKLLAMA" / "models" / "NoFrom" / "nofrom.rkllm")
+    code, text, _ = load(server, "NoFrom")
+    assert code == 400 and json.loads(text)["error"] == "FROM or HUGGINGFACE_PATH not defined in Modelfile."
+    assert load(server)[0] == 200
+    assert call(server.url, "/unload_model", {})[0] == 200
+    code, text, _ = load(server, "NoFrom")
+    assert code == 500 and "Internal Server Error" in text
+
+
+@pytest.mark.parametrize("flag", [False, True], ids=["without", "with"])
+def test_start_without_target_platform_prints_the_forks_error(lab, flag):
+    srv = Server(lab, args=["--target_platform", "rk3588"] if flag else [])
+    try:
+        assert srv.up
+    finally:
+        log = srv.stop()
+    assert ("Error argument not found: --target_platform" in log) is not flag

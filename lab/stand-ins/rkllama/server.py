@@ -10,13 +10,11 @@ import os
 import resource
 import shutil
 import subprocess
-import threading
-import time
 
 from dotenv import dotenv_values
 from flask import Flask, Response, jsonify, request
 
-from src import tokenizer
+from src import process, variables
 from src.runtime import Model  # loads ~/RKLLAMA/lib/librkllmrt.so now, as the fork does
 
 HOME = os.path.expanduser("~/RKLLAMA")
@@ -36,8 +34,6 @@ def lab_build():
 BUILD = lab_build()
 app = Flask(__name__)
 state = {"model": None, "name": None}
-busy = threading.Lock()
-SYSTEM = "Tu es un assistant artificiel."  # the fork's default system prompt (Modelfile SYSTEM is ignored)
 
 
 @app.route("/", methods=["GET"])
@@ -73,9 +69,11 @@ def load_model():
     modelfile = os.path.join(model_dir, "Modelfile")
     if not os.path.exists(modelfile):
         return jsonify({"error": f"Modelfile not found in '{name}' directory."}), 400
-    # The fork does load_dotenv(Modelfile, override=True) and reads os.getenv: every key goes into the
+    # server.py:68-84: load_dotenv(Modelfile, override=True), then os.getenv: every key goes into the
     # server's environment and stays there, so a key one Modelfile leaves out (MAX_NEW_TOKENS,
-    # TEMPERATURE) keeps the value the previously loaded model's Modelfile set.
+    # TEMPERATURE) keeps the value the previously loaded model's Modelfile set, and a Modelfile without
+    # FROM makes the server open the previous model's file name in this directory: the runtime fails
+    # to initialise and the answer is a 500, not the 400 below (which only the first load can get).
     for key, value in dotenv_values(modelfile).items():
         if value is not None:
             os.environ[key] = value
@@ -105,63 +103,14 @@ def current_model():
     return jsonify({"error": "No models are currently loaded."}), 404
 
 
-def _chunk(content, count, prompt_tokens, finish, tps):
-    return {"id": "rkllm_chat", "object": "rkllm_chat", "created": None,
-            "choices": [{"role": "assistant", "content": content, "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                      "tokens_per_second": tps, "total_tokens": prompt_tokens + count}}
-
-
 @app.route("/generate", methods=["POST"])
 def generate():
     model = state["model"]
     if model is None:
         return jsonify({"error": "No models are currently loaded."}), 400
-    data = request.get_json(silent=True) or {}
-    if "messages" not in data:
-        return jsonify({"status": "error", "message": "Données JSON invalides !"}), 400
-    config = tokenizer.load(model.huggingface_path)  # every request, as the fork does; raises => HTML 500
-    # The fork puts its own system prompt first whenever the chat template allows a system role, then
-    # raises ValueError (=> HTML 500) when two neighbouring messages have the same role: so a request
-    # that starts with its own system message fails on such models, and so does user, user.
-    prompt = data["messages"]
-    if "raise_exception('System role not supported')" not in (config.get("chat_template") or ""):
-        prompt = [{"role": "system", "content": SYSTEM}] + prompt
-    for before, after in zip(prompt, prompt[1:]):
-        if before.get("role") == after.get("role"):
-            raise ValueError("Les rôles doivent alterner entre 'user' et 'assistant'.")
-    prompt_tokens = tokenizer.count_tokens(prompt)
-    busy.acquire()  # pylint: disable=consider-using-with  (released when the generation ends)
-    start = time.time()
-    worker = model.start(prompt_tokens)
-    threading.Thread(target=lambda: (worker.join(), busy.release()), daemon=True).start()
-
-    def tokens():
-        # Whatever an abandoned stream left unread comes out first: the fork's shared buffer.
-        while worker.is_alive() or model.pending:
-            for token in model.take():
-                yield token
-            time.sleep(0.01)
-
-    if not data.get("stream"):
-        text, count = "", 0
-        for token in tokens():
-            text += token
-            count += 1
-        elapsed = max(time.time() - start, 1e-6)
-        return jsonify(_chunk(text, count, prompt_tokens, "stop", count / elapsed)), 200
-
-    def stream():
-        count = 0
-        for token in tokens():
-            count += 1
-            elapsed = max(time.time() - start, 1e-6)
-            # The fork computes "stop" from a status its callback never writes (the callback assigns a
-            # module global of its own), so every stream chunk, the last one too, has finish_reason null;
-            # a client knows the stream ended only when the connection closes.
-            yield json.dumps(_chunk(token, count, prompt_tokens, None, count / elapsed)) + "\n\n"
-
-    return Response(stream(), content_type="text/plain")
+    # server.py:277-278: blocks until the lock is free; Request releases it (see src/process.py).
+    variables.verrou.acquire()  # pylint: disable=consider-using-with
+    return process.Request(model)
 
 
 @app.route("/pull", methods=["POST"])
@@ -195,7 +144,10 @@ def main():
             config.write(f)
     port = config["server"].get("port", "8080")
 
-    if args.target_platform:
+    if not args.target_platform:
+        # server.py:316-317: printed at every start without the flag; the server then runs normally.
+        print("\033[91mError argument not found: --target_platform\033[0m", flush=True)
+    else:
         script = os.path.join(HOME, "lib", f"fix_freq_{args.target_platform}.sh")
         try:
             subprocess.run(["sudo", "bash", script], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from src import hardware
+from src import callback, hardware
 
 LIB_PATH = os.path.expanduser("~/RKLLAMA/lib/librkllmrt.so")
 LIB = ctypes.CDLL(LIB_PATH)
@@ -87,27 +87,40 @@ class Model:
         self.temperature = temperature
         self.rate = float(os.environ.get("RKLLM_LAB_TOKENS_PER_SECOND", "8"))
         self.answer_tokens = int(os.environ.get("RKLLM_LAB_ANSWER_TOKENS", "24"))
-        # Like the fork's global text buffer: what a generation produces and nobody read yet.
-        self.pending = []
-        self.lock = threading.Lock()
-        self.running = None
+        # Prompt processing before the first token (a short prompt on an RK3588: about 0.2 s).
+        self.prefill_seconds = float(os.environ.get("RKLLM_LAB_PREFILL_SECONDS", "0.2"))
+        # DeepSeek-R1 "thinks" first: tokens the runtime outputs as [PAD151935] (see src/callback.py).
+        self.thinking_tokens = int(os.environ.get("RKLLM_LAB_THINKING_TOKENS", "16")) if self.thinks else 0
+        self._abort = threading.Event()
+
+    @property
+    def thinks(self):
+        return "deepseek" in self.name.lower()
+
+    def tokens(self):
+        """The raw token texts one generation outputs, MAX_NEW_TOKENS at most (thinking counts too)."""
+        words = ["The", " NPU", " on", " this", " board", " answers", " one", " request", " at", " a", " time", "."]
+        raw = ["[PAD151935]"] * self.thinking_tokens
+        raw += [words[i % len(words)] if i < self.answer_tokens - 1 else " Done." for i in range(self.answer_tokens)]
+        return raw[:self.max_new_tokens]
 
     def run(self, prompt_tokens):
-        """Generate into self.pending at the configured rate; runs to its end."""
-        count = min(self.answer_tokens, self.max_new_tokens)
-        words = ["The", " NPU", " on", " this", " board", " answers", " one", " request", " at", " a", " time", "."]
-        for i in range(count):
-            time.sleep(1.0 / self.rate if self.rate > 0 else 0)
-            with self.lock:
-                self.pending.append(words[i % len(words)] if i < count - 1 else " Done.")
+        """rkllm_run (src/rkllm.py:135-174): blocks until the generation ends, calling the callback per token.
+
+        Two calls at once on one model (the fork does that for concurrent streams) both run, and
+        both callbacks feed the one shared buffer.
+        """
         del prompt_tokens
+        self._abort.clear()
+        delay = 1.0 / self.rate if self.rate > 0 else 0.0
+        time.sleep(max(self.prefill_seconds - delay, 0.0))
+        for text in self.tokens():
+            time.sleep(delay)
+            if self._abort.is_set():
+                break
+            callback.callback_impl(text, callback.RKLLM_RUN_NORMAL)
+        callback.callback_impl(None, callback.RKLLM_RUN_FINISH)
 
-    def start(self, prompt_tokens):
-        self.running = threading.Thread(target=self.run, args=(prompt_tokens,), daemon=True)
-        self.running.start()
-        return self.running
-
-    def take(self):
-        with self.lock:
-            out, self.pending = self.pending, []
-        return out
+    def abort(self):
+        """rkllm_abort (src/rkllm.py:202-204): the running generation stops at its next token."""
+        self._abort.set()
