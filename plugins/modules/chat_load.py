@@ -88,7 +88,8 @@ options:
     type: int
   timeout:
     description:
-      - Seconds one request may take, from sending it to reading the end of its answer.
+      - Seconds one request may take, from sending it to reading the end of its answer. It is a total deadline,
+        not an idle timeout, so a server that keeps sending a byte now and then cannot keep a request alive past it.
     type: float
     default: 300
   validate_certs:
@@ -206,6 +207,7 @@ stopped_by:
   sample: requests
 """
 
+import io
 import json
 import os
 import socket
@@ -267,6 +269,59 @@ def build_body(params):
     if params.get("max_tokens"):
         body["max_tokens"] = params["max_tokens"]
     return json.dumps(body).encode("utf-8")
+
+
+class DeadlineSocket(object):
+    """A connected socket whose every read and write must end by one deadline.
+
+    A socket timeout alone bounds each read, so a server that sends a byte every few seconds would
+    keep a request alive for ever; here each read gets only the time left until the request's deadline.
+    """
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+        self._files = 0
+        self._close_pending = False
+
+    def _arm(self):
+        remaining = self._deadline - time.time()
+        if remaining <= 0:
+            raise socket.timeout("the request's deadline was reached")
+        self._sock.settimeout(remaining)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize, flags=0):
+        self._arm()
+        return self._sock.recv(bufsize, flags)
+
+    def sendall(self, data, flags=0):
+        self._arm()
+        return self._sock.sendall(data, flags)
+
+    def makefile(self, mode="rb", buffering=None, **kwargs):
+        # http.client reads the response through makefile("rb"): route its reads through recv_into above.
+        self._files += 1
+        return io.BufferedReader(socket.SocketIO(self, mode.replace("b", "") or "r"))
+
+    def _decref_socketios(self):
+        # Called by SocketIO.close(). Like socket.socket, the connection may close the socket while the
+        # response still reads from it (a body that ends with the connection): close it with its last file.
+        self._files -= 1
+        if self._files <= 0 and self._close_pending:
+            self._sock.close()
+
+    def close(self):
+        if self._files > 0:
+            self._close_pending = True
+        else:
+            self._sock.close()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
 
 
 def _connection(url, timeout, validate_certs):
@@ -383,6 +438,8 @@ def one_request(params, body, run_deadline):
     connection = None
     try:
         connection = _connection(endpoint, max(deadline - started, 0.001), params["validate_certs"])
+        connection.connect()
+        connection.sock = DeadlineSocket(connection.sock, deadline)
         connection.request("POST", urlsplit(endpoint).path, body=body, headers=headers)
         response = connection.getresponse()
         record["status"] = response.status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +28,17 @@ class FakeExo(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        self._answered()
         self.wfile.write(data)
+
+    def _answered(self):
+        """The request is answered: count it out of in_flight BEFORE its last bytes go out, since the
+        client sends its next request as soon as it has read them (issue #15: decrementing afterwards
+        let a serial client's next request arrive first, and max_in_flight read 2 one run in three)."""
+        if not self._counted_out:
+            self._counted_out = True
+            with self.server.lock:
+                self.server.in_flight -= 1
 
     def do_POST(self):
         srv = self.server
@@ -37,6 +48,7 @@ class FakeExo(BaseHTTPRequestHandler):
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
             n = len(srv.requests)
+        self._counted_out = False
         try:
             mode = srv.mode(n) if callable(srv.mode) else srv.mode
             headers = {}
@@ -66,6 +78,7 @@ class FakeExo(BaseHTTPRequestHandler):
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                     self.wfile.flush()
                     time.sleep(srv.chunk_delay)
+                self._answered()
                 if mode not in ("no-done", "finish-no-done"):
                     self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
@@ -75,8 +88,7 @@ class FakeExo(BaseHTTPRequestHandler):
                       "usage": {"completion_tokens": srv.usage_tokens}}
             self._send(200, json.dumps(answer), headers=headers)
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
+            self._answered()
 
 
 @pytest.fixture
@@ -196,6 +208,76 @@ def test_timeout_fails_the_request(server):
     result = run(server.url, requests=1, timeout=0.5)
     assert result["failed_requests"] == 1
     assert "Timed out" in result["errors"][0]["error"]
+
+
+class DripServer(object):
+    """A server that answers one byte every `interval` seconds for ever: in the status line, in a plain
+    body whose Content-Length it never reaches, or in a stream line that never ends. Each byte resets a
+    socket timeout, so only a total deadline per request ends such a request."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %s\r\n\r\n"
+
+    def __init__(self, where, interval):
+        self.where, self.interval = where, interval
+        self.stop = threading.Event()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.2)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            if self.where == "headers":
+                head, payload = b"", b"HTTP/1.1 200 OK\r\n"
+            elif self.where == "plain-body":
+                head, payload = self.HEAD % (b"application/json", b"1000000"), b'{"choices": ['
+            else:  # a stream whose first data line never ends
+                head, payload = self.HEAD % (b"text/event-stream", b"1000000"), b'data: {"choices": [{"delta": {"content": "P'
+            try:
+                conn.sendall(head)
+                i = 0
+                while not self.stop.wait(self.interval):
+                    conn.sendall(payload[i % len(payload):i % len(payload) + 1])
+                    i += 1
+            except OSError:
+                return  # the client gave up
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("where, stream", [("headers", False), ("plain-body", False), ("stream-line", True)])
+def test_a_dripping_server_cannot_keep_a_request_past_its_timeout(where, stream):
+    # Issue #13: a byte every 2 s kept a request alive for ever (each read's socket timeout was 3 s);
+    # without the total deadline this run ends only at duration + 5 s, with "Still waiting ...".
+    drip = DripServer(where, interval=2.0)
+    try:
+        started = time.time()
+        result = run(drip.url, requests=1, stream=stream, timeout=3, duration=20)
+        took = time.time() - started
+    finally:
+        drip.close()
+    assert result["failed_requests"] == 1
+    assert "Timed out waiting for" in result["errors"][0]["error"], result["errors"]
+    assert 2.9 <= took < 5, took
 
 
 def test_concurrency_is_actually_concurrent(server):
