@@ -1,0 +1,125 @@
+"""The gateway_prometheus role's alert rules against their promtool unit tests (tests/prometheus/).
+
+promtool runs where it is: on this machine if it is installed, else in the lab's running gateway
+(`docker exec rkllm-lab-gateway promtool ...`, the promtool of the Prometheus that evaluates the rules);
+without either the promtool test is skipped here, and Molecule's default verify runs it on the gateway
+(molecule/default/tasks/alerts.yml). The static checks below run everywhere.
+"""
+
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+PROM_TESTS = os.path.join(REPO, "tests", "prometheus")
+GATEWAY = "rkllm-lab-gateway"
+
+
+def load_renderer():
+    spec = importlib.util.spec_from_file_location("render_rules", os.path.join(PROM_TESTS, "render_rules.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rules")
+    load_renderer().main([str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def rules(rendered):
+    with open(rendered / "rkllm_fleet.rules.yml", encoding="utf-8") as handle:
+        return [rule for group in yaml.safe_load(handle)["groups"] for rule in group["rules"]]
+
+
+@pytest.fixture(scope="module")
+def prom_tests():
+    with open(os.path.join(PROM_TESTS, "rkllm_fleet_rules_test.yml"), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def test_no_alert_reads_rkllm_server_up(rules):
+    # exo's rkllm_server_up is 0 from its start until the first model load and changes only on a load.
+    for rule in rules:
+        assert "rkllm_server_up" not in rule["expr"], rule["alert"]
+
+
+def test_boards_without_the_exo_metrics_patch_are_left_out_of_tokens_per_second(rules):
+    tokens = [r for r in rules if r["alert"] == "RkllmTokensPerSecondLow"]
+    assert len(tokens) == 1
+    assert "board!~`b3`" in tokens[0]["expr"]
+
+
+def test_board_names_are_escaped_in_the_tokens_filter(tmp_path):
+    renderer = load_renderer()
+    values = dict(renderer.VALUES, gateway_prometheus_boards=["rock5b-1.lab", "opi5"],
+                  hostvars={"rock5b-1.lab": {"exo_patches_enabled": False}, "opi5": {}})
+    text = renderer.render(values=values)
+    tokens = [r for g in yaml.safe_load(text)["groups"] for r in g["rules"] if r.get("alert") == "RkllmTokensPerSecondLow"]
+    assert "board!~`rock5b\\-1\\.lab`" in tokens[0]["expr"]
+    (tmp_path / "rkllm_fleet.rules.yml").write_text(text)
+    shutil.copy(os.path.join(PROM_TESTS, "rkllm_fleet_rules_test.yml"), str(tmp_path))
+    code, output = run_promtool(str(tmp_path), check_only=True)
+    assert code == 0, output
+
+
+def test_every_alert_is_shown_firing_and_silent(rules, prom_tests):
+    fired, silent = set(), set()
+    for case in prom_tests["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fired if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in rules if "alert" in rule}
+    assert names - fired == set(), "alerts never shown firing"
+    assert names - silent == set(), "alerts never shown silent"
+    causes = {rule["labels"].get("cause") for rule in rules if rule.get("alert") == "RkllamaDown"}
+    shown = {alert["exp_labels"].get("cause") for case in prom_tests["tests"] for check in case.get("alert_rule_test", [])
+             for alert in check.get("exp_alerts") or [] if check["alertname"] == "RkllamaDown"}
+    assert causes == shown == {"not_active", "calls_failing"}
+
+
+def _gateway_running():
+    if not shutil.which("docker"):
+        return False
+    probe = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", GATEWAY],
+                           capture_output=True, text=True, check=False)
+    return probe.returncode == 0 and probe.stdout.strip() == "true"
+
+
+def run_promtool(directory, check_only=False):
+    """`promtool check rules` and `promtool test rules` on DIRECTORY; returns (returncode, output)."""
+    commands = [["promtool", "check", "rules", "rkllm_fleet.rules.yml"]]
+    if not check_only:
+        commands.append(["promtool", "test", "rules", "rkllm_fleet_rules_test.yml"])
+    if shutil.which("promtool"):
+        outputs = [subprocess.run(c, cwd=directory, capture_output=True, text=True, check=False) for c in commands]
+    elif _gateway_running():
+        remote = "/var/tmp/rkllm-rules-unit-%d" % os.getpid()
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            for name in ("rkllm_fleet.rules.yml", "rkllm_fleet_rules_test.yml"):
+                tar.add(os.path.join(directory, name), arcname=name)
+        subprocess.run(["docker", "exec", "-i", GATEWAY, "sh", "-c", "mkdir -p %s && tar -C %s -x" % (remote, remote)],
+                       input=archive.getvalue(), check=True, capture_output=True)
+        try:
+            outputs = [subprocess.run(["docker", "exec", "-w", remote, GATEWAY] + c, capture_output=True, text=True,
+                                      check=False) for c in commands]
+        finally:
+            subprocess.run(["docker", "exec", GATEWAY, "rm", "-rf", remote], check=False, capture_output=True)
+    else:
+        pytest.skip("no promtool here and no running lab gateway (Molecule's default verify runs these tests on the gateway)")
+    code = max(o.returncode for o in outputs)
+    return code, "\n".join(o.stdout + o.stderr for o in outputs)
+
+
+def test_promtool_unit_tests_pass(rendered):
+    code, output = run_promtool(str(rendered))
+    assert code == 0, output
