@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Render the gateway_prometheus role's alert rules for the promtool unit tests next to this file.
 
-    render_rules.py [--template PATH] OUTPUT_DIR
+    python3 tests/prometheus/render_rules.py [--template PATH] OUTPUT_DIR
 
 writes OUTPUT_DIR/rkllm_fleet.rules.yml and a copy of rkllm_fleet_rules_test.yml beside it, so
 `promtool test rules OUTPUT_DIR/rkllm_fleet_rules_test.yml` runs anywhere promtool is (the lab's
