@@ -157,14 +157,35 @@ def _round(value, digits):
     return None if value is None else round(value, digits)
 
 
+def _sent_before_the_first_pass(usage):
+    """True for a chunk the fork's read loop sent before its first pass over an empty buffer.
+
+    The fork's answer starts with ``tokens_per_second`` as the integer 0 (src/process.py:24-29); each
+    pass of its read loop that finds the buffer empty sets it to ``count / total``, a float
+    (process.py:119-123), and the loop makes such a pass long before the runtime's first token
+    (the prompt's prefill takes far longer than one pass). So a chunk still carrying the integer 0 was
+    already in the shared buffer when the generation started: the unread end of an earlier answer
+    (process.py:72-79, 102-126 leave the last token there), not a token of this one.
+    """
+    rate = usage.get('tokens_per_second') if isinstance(usage, dict) else None
+    return type(rate) is int and rate == 0  # noqa: E721  (int 0, not 0.0 and not False)
+
+
 class Generation(object):
     """What one streamed ``/generate`` answer held, and when its parts arrived.
 
-    Times are seconds since the request was sent.
+    Times are seconds since the request was sent. Leading chunks that were in rkllama's buffer
+    before this generation started (an unpatched fork's leftovers of an earlier answer, see
+    ``_sent_before_the_first_pass``) are kept apart in ``stale_pieces`` and left out of the text and
+    of every figure, once a chunk of the generation itself confirms it (a server that never sends a
+    rate gets none of its chunks set apart: ``settle()``).
     """
 
     def __init__(self):
         self.pieces = []
+        self.stale_pieces = []
+        self.stale_at = None
+        self._leading = []
         self.chunks = 0
         self.malformed = 0
         self.first_token_at = None
@@ -184,42 +205,65 @@ class Generation(object):
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             self.malformed += 1
             return
-        self.chunks += 1
         content = choices[0].get('content')
+        usage = obj.get('usage')
+        if not self.chunks and _sent_before_the_first_pass(usage):
+            self._leading.append((obj, at))
+            return
+        if self._leading:
+            # The generation's own first chunk: what came before it was left over from an earlier answer.
+            self.stale_at = self._leading[0][1]
+            self.stale_pieces = [lead['choices'][0].get('content') or '' for lead, _at in self._leading]
+            self._leading = []
+        self._count(obj, content, usage, at)
+
+    def settle(self):
+        """At the end of the stream: leading chunks nothing confirmed as leftovers are the answer's own."""
+        leading, self._leading = self._leading, []
+        for obj, at in leading:
+            self._count(obj, obj['choices'][0].get('content'), obj.get('usage'), at)
+
+    def _count(self, obj, content, usage, at):
+        self.chunks += 1
         if isinstance(content, str) and content:
             self.pieces.append(content)
             if self.first_token_at is None:
                 self.first_token_at = at
             self.last_token_at = at
-        if choices[0].get('finish_reason'):
-            self.finish_reason = choices[0]['finish_reason']
-        usage = obj.get('usage')
+        if obj['choices'][0].get('finish_reason'):
+            self.finish_reason = obj['choices'][0]['finish_reason']
         if isinstance(usage, dict):
             self.usage = usage
 
     @property
+    def stale_text(self):
+        return ''.join(self.stale_pieces)
+
+    @property
     def completion_tokens(self):
-        """The server's count when it sent one, else one token per chunk (the fork's unit)."""
+        """The server's count when it sent one, else one token per chunk (the fork's unit); leftovers not counted."""
         count = self.usage.get('completion_tokens')
-        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            return count
+        if isinstance(count, int) and not isinstance(count, bool) and count > len(self.stale_pieces):
+            return count - len(self.stale_pieces)
         return self.chunks
 
     @property
     def tokens_per_second(self):
-        """The server's figure when present, else chunks after the first over their time span."""
+        """The server's figure when present (and not inflated by leftovers), else chunks after the first over their time span."""
         rate = self.usage.get('tokens_per_second')
-        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 and not self.stale_pieces:
             return float(rate)
         if self.chunks >= 2 and self.first_token_at is not None and self.last_token_at > self.first_token_at:
             return (self.chunks - 1) / (self.last_token_at - self.first_token_at)
         return None
 
     def figures(self):
+        self.settle()
         return {
             'time_to_first_token': _round(self.first_token_at, 3),
             'tokens_per_second': _round(self.tokens_per_second, 2),
             'completion_tokens': self.completion_tokens,
+            'stale_tokens': len(self.stale_pieces),
         }
 
 
@@ -406,6 +450,7 @@ class RkllamaClient(object):
         finally:
             response.close()
         self._take(generation, pending, self._clock() - start)
+        generation.settle()
         generation.complete = True
         generation.elapsed = self._clock() - start
         if generation.chunks == 0 and generation.malformed:

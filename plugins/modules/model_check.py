@@ -139,6 +139,8 @@ time_to_first_token:
   description:
     - Seconds from sending the prompt to receiving the first text, measured by the module; it includes rkllama's
       tokenizer load and the prompt's prefill.
+    - Text left in rkllama's buffer by an earlier answer (RV(stale_tokens)) arrives at once and is not counted as the
+      first token.
     - V(null) when no generation ran (check mode) or no text came.
   returned: always
   type: float
@@ -151,10 +153,20 @@ tokens_per_second:
   type: float
   sample: 7.93
 completion_tokens:
-  description: Tokens generated, as rkllama counts them; V(null) when no generation ran.
+  description: Tokens generated, as rkllama counts them, less RV(stale_tokens); V(null) when no generation ran.
   returned: always
   type: int
   sample: 9
+stale_tokens:
+  description:
+    - Tokens of an earlier answer that rkllama sent at the start of this one. The unpatched fork leaves the last token of
+      an answer in its shared buffer and hands it to the next request (src/process.py:72-79, 102-126 at 1d8d210); they
+      are recognised because the fork sent them before its read loop's first pass (C(tokens_per_second) still the
+      integer 0), and left out of RV(response) and of every figure. Always 0 with the role's patches applied.
+    - V(null) when no generation ran.
+  returned: always
+  type: int
+  sample: 0
 response:
   description: The generated text, shortened to 300 characters; V(null) when no generation ran.
   returned: always
@@ -197,6 +209,7 @@ def new_result():
         'time_to_first_token': None,
         'tokens_per_second': None,
         'completion_tokens': None,
+        'stale_tokens': None,
         'response': None,
     }
 
@@ -371,8 +384,12 @@ def _generate(client, model, prompt, result):
         raise CheckFailed('%s is loaded but its answer held no text (%d stream chunks in %s s): the runtime likely failed '
                           'during inference; look for "E rkllm:" lines in %s.'
                           % (model, generation.chunks, _fmt(generation.elapsed), LOG_HINT), result)
-    return 'first token after %s s, %s tokens at %s tokens/s' % (
+    tail = 'first token after %s s, %s tokens at %s tokens/s' % (
         _fmt(result['time_to_first_token']), result['completion_tokens'], _fmt(result['tokens_per_second']))
+    if generation.stale_pieces:
+        tail += (' (not counting %d token(s) of an earlier answer, %r, that rkllama sent first: its read loop leaves them '
+                 'behind; the rkllama role\'s patches fix that)' % (len(generation.stale_pieces), generation.stale_text[:40]))
+    return tail
 
 
 def check_speed(model, result, min_tokens_per_second):

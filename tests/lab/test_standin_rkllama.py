@@ -635,3 +635,23 @@ def test_start_without_target_platform_prints_the_forks_error(lab, flag):
     finally:
         log = srv.stop()
     assert ("Error argument not found: --target_platform" in log) is not flag
+
+
+def test_model_check_times_the_first_token_of_its_own_answer_on_the_unpatched_fork(lab):
+    """A stale token waits in the fork's buffer (after a stream): it arrives at once; model_check must not time it."""
+    from ansible_collections.rkllm.fleet.plugins.module_utils.rkllama_api import RkllamaClient
+    from ansible_collections.rkllm.fleet.plugins.modules.model_check import check_model
+
+    srv = Server(lab, env={"RKLLM_LAB_PREFILL_SECONDS": "0.3", "RKLLM_LAB_TOKENS_PER_SECOND": "20"})
+    try:
+        assert load(srv)[0] == 200
+        stream_answer(srv)  # leaves its last token in the buffer
+        naive = stream_timed(srv.url, {"messages": HI})  # what a client that trusts the first chunk sees
+        assert naive[0][1]["choices"][0]["content"] == LAST and naive[0][0] < 0.1
+        result = check_model(RkllamaClient(srv.url, 30), QWEN)
+    finally:
+        srv.stop()
+    assert result["stale_tokens"] == 1
+    assert result["time_to_first_token"] >= 0.3
+    assert result["response"] in (ANSWER, ANSWER[:-len(LAST)])  # its own last token usually leaks in turn
+    assert 15 <= result["tokens_per_second"] <= 21

@@ -6,8 +6,9 @@
 ``FakeRkllama`` (also used by the model_check tests) answers like the jfreed-dev fork's
 server.py / src/process.py at commit 1d8d210: the same routes, status codes, JSON error
 strings, Flask's HTML page for an unhandled exception, and the token stream (one JSON object
-per token followed by a blank line, usage in every object, tokens_per_second still 0 in the
-first burst). It also records whether each stream was read to its end: after the last byte
+per token followed by a blank line, usage in every object; tokens_per_second is the integer 0
+only in chunks sent before the read loop's first pass, i.e. ``stale`` tokens an earlier answer left
+in the fork's buffer, and a float from then on, 0.0 in the first real chunk). It also records whether each stream was read to its end: after the last byte
 it half-closes the connection and waits for the client's close. A client that closes with
 unread bytes makes the kernel send a reset instead of a clean close, and a client that
 closes before the end makes the server's writes fail.
@@ -54,6 +55,8 @@ class FakeRkllama(object):
         self.load_seconds = 0.0
         self.tokens = ['The', ' capital', ' of', ' France', ' is', ' Paris', '.']
         self.first_token_delay = 0.0
+        # Tokens an earlier answer left in the fork's shared buffer: sent at once, before the prefill.
+        self.stale = []
         self.token_delay = 0.005
         # None: tokens_per_second computed as the fork does; 0: never sent; a number: sent as is.
         self.reported_tps = None
@@ -237,9 +240,14 @@ class FakeHandler(BaseHTTPRequestHandler):
                   'usage': {'prompt_tokens': 21, 'completion_tokens': 0, 'tokens_per_second': 0, 'total_tokens': 21}}
         start = time.time()
         try:
+            for count, token in enumerate(fake.stale, 1):
+                answer['choices'] = [{'role': 'assistant', 'content': token, 'logprobs': None, 'finish_reason': None}]
+                answer['usage']['completion_tokens'] = count
+                answer['usage']['total_tokens'] += 1
+                self._write(('%s\n\n' % json.dumps(answer)).encode('utf-8'))
             time.sleep(fake.first_token_delay)
-            for count, token in enumerate(fake.tokens, 1):
-                if count > 1:
+            for count, token in enumerate(fake.tokens, len(fake.stale) + 1):
+                if count > len(fake.stale) + 1:
                     time.sleep(fake.token_delay)
                 if fake.crash_after is not None and count > fake.crash_after:
                     # The process dies: the connection drops without the stream's end.
@@ -251,8 +259,8 @@ class FakeHandler(BaseHTTPRequestHandler):
                 answer['usage']['completion_tokens'] = count
                 answer['usage']['total_tokens'] += 1
                 if fake.reported_tps is None:
-                    # The fork updates the rate after each burst: the first chunk still says 0.
-                    answer['usage']['tokens_per_second'] = 0 if count == 1 else (count - 1) / (time.time() - start)
+                    # The fork's rate, count / elapsed, from its last pass before this chunk (a float).
+                    answer['usage']['tokens_per_second'] = (count - 1) / (time.time() - start)
                 else:
                     answer['usage']['tokens_per_second'] = fake.reported_tps
                 self._write(('%s\n\n' % json.dumps(answer)).encode('utf-8'))
@@ -468,7 +476,7 @@ def test_deadline_is_shared_by_all_calls():
     assert client.remaining() == 10
 
 
-def _chunk(content, tps=0, completion=None):
+def _chunk(content, tps=0.0, completion=None):
     usage = {'tokens_per_second': tps}
     if completion is not None:
         usage['completion_tokens'] = completion
@@ -487,10 +495,11 @@ def test_generation_rate_from_chunks_after_the_first():
 
 def test_generation_uses_the_servers_figures_when_given():
     generation = Generation()
-    generation.add(_chunk('a', tps=0, completion=1), 0.5)
+    generation.add(_chunk('a', tps=0.0, completion=1), 0.5)
     generation.add(_chunk('b', tps=6.25, completion=2), 0.6)
     assert generation.tokens_per_second == 6.25
-    assert generation.figures() == {'time_to_first_token': 0.5, 'tokens_per_second': 6.25, 'completion_tokens': 2}
+    assert generation.figures() == {'time_to_first_token': 0.5, 'tokens_per_second': 6.25, 'completion_tokens': 2,
+                                    'stale_tokens': 0}
 
 
 def test_generation_of_one_token_has_no_rate():
@@ -506,3 +515,42 @@ def test_generation_ignores_objects_without_choices():
     assert generation.chunks == 1
     assert generation.malformed == 1
     assert generation.first_token_at is None
+
+
+# -- leftovers of an earlier answer (the unpatched fork's shared buffer) --------------------------
+
+
+def test_generation_sets_apart_leftovers_sent_before_the_first_pass():
+    generation = Generation()
+    # The fork sends what was already in its buffer at once, with tokens_per_second still the integer 0 ...
+    generation.add(_chunk(' Done.', tps=0, completion=1), 0.004)
+    # ... and its own tokens after the prefill, the rate a float from the first pass on.
+    for index, at in enumerate([0.3, 0.4, 0.5, 0.6, 0.7]):
+        generation.add(_chunk('x', tps=(index + 1) / at, completion=index + 2), at)
+    generation.settle()
+    assert generation.stale_text == ' Done.' and generation.stale_at == 0.004
+    assert generation.text == 'xxxxx'
+    assert generation.first_token_at == 0.3
+    assert generation.completion_tokens == 5
+    assert generation.tokens_per_second == pytest.approx(10.0)  # 4 intervals of 0.1 s, the leftover's instant not counted
+    assert generation.figures()['stale_tokens'] == 1
+
+
+def test_generation_of_a_server_that_never_sends_a_rate_keeps_every_chunk():
+    generation = Generation()
+    for at in (0.2, 0.3, 0.4):
+        generation.add(_chunk('y', tps=0), at)
+    figures = generation.figures()
+    assert generation.text == 'yyy' and generation.stale_pieces == []
+    assert figures['time_to_first_token'] == 0.2 and figures['stale_tokens'] == 0
+
+
+def test_generate_does_not_take_a_leftover_token_for_the_first_one(fake):
+    fake.current = QWEN
+    fake.stale = [' Done.']
+    fake.first_token_delay = 0.3
+    generation = RkllamaClient(fake.url, 10).generate(MESSAGES)
+    assert generation.stale_text == ' Done.' and generation.stale_at < 0.2
+    assert 0.3 <= generation.first_token_at < 1.5
+    assert generation.text == 'The capital of France is Paris.'
+    assert generation.completion_tokens == 7

@@ -365,3 +365,19 @@ def test_module_rejects_a_url_without_scheme(capsys):
     code, output = run_module({'url': '127.0.0.1:8080', 'model': QWEN}, capsys)
     assert code == 1
     assert 'url must start with http://' in output['msg']
+
+
+def test_time_to_first_token_and_rate_ignore_a_token_left_by_an_earlier_answer(fake):
+    """The unpatched fork sends the last token of the previous answer at once: not this answer's first token."""
+    fake.current = QWEN
+    fake.stale = [' Done.']
+    fake.first_token_delay = 0.3
+    fake.token_delay = 0.05
+    result = run_check(fake)
+    assert result['time_to_first_token'] >= 0.3  # the leftover came after about 0.005 s
+    assert result['stale_tokens'] == 1
+    assert result['response'] == ANSWER
+    assert result['completion_tokens'] == 7
+    assert 10 < result['tokens_per_second'] <= 20.5  # 6 intervals of at least 50 ms
+    assert "1 token(s) of an earlier answer, ' Done.'" in result['msg']
+    assert_streams_read_to_end(fake, 1)
