@@ -1,5 +1,5 @@
 # Copyright: rkllm.fleet contributors
-# SPDX-License-Identifier: Apache-2.0
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Export a Rockchip NPU's load, frequency and driver as Prometheus metrics.
 
 Writes the text exposition format to a file that the node exporter's textfile

@@ -1,5 +1,5 @@
 # Copyright: rkllm.fleet contributors
-# SPDX-License-Identifier: Apache-2.0
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Pin a Rockchip board's NPU, CPU and DDR to their maximum frequency, and undo it.
 
 What Rockchip's fix_freq_rk3588.sh / fix_freq_rk3576.sh do for benchmarks (the

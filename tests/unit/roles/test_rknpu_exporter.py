@@ -1,4 +1,4 @@
-# SPDX-License-Identifier: Apache-2.0
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Unit tests of roles/npu/files/rknpu_exporter.py, the NPU metrics exporter.
 
 Each test builds a board's /proc and /sys under a temporary sysroot (with the lab's
