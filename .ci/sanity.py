@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Run `ansible-test sanity` on this collection, offline-safe.
+"""Run `ansible-test sanity` on this collection as users get it, offline-safe.
 
-ansible-test needs the collection at .../ansible_collections/rkllm/fleet, so the shipped
-content (what `ansible-galaxy collection build` would ship, plus tests/) is copied to
-.cache/sanity/ansible_collections/rkllm/fleet. ansible-test bootstraps pip in each of its
-venvs from a script it downloads from a host this machine cannot reach; this puts an
+The tarball is built from this tree and installed (.ci/tarball_test.py's build_and_install)
+under .cache/sanity/collections/ansible_collections/rkllm/fleet, and sanity runs there: on
+exactly what ships (tests/unit and tests/sanity included), nothing lab-only.
+ansible-test bootstraps pip in each of its venvs from a script it downloads from a host this
+machine cannot reach; this puts an
 equivalent script in its cache first (CI-MACHINE.md, item 10): it makes the venv's pip
 trust the system CA bundle, runs ensurepip in a subprocess, then installs what ansible-test
 asked for.
@@ -19,10 +20,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEST = os.path.join(ROOT, ".cache", "sanity", "ansible_collections", "rkllm", "fleet")
-SHIPPED = ["galaxy.yml", "meta", "plugins", "roles", "playbooks", "docs", "changelogs", "tests",
-           "README.md", "inventories", "LICENSE"]
-SKIP_DIRS = {"__pycache__", ".pytest_cache", "lab"}
+WORK = os.path.join(ROOT, ".cache", "sanity")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tarball_test import build_and_install  # noqa: E402  pylint: disable=wrong-import-position
 
 BOOTSTRAP = r'''"""Offline stand-in for ansible-test's get-pip bootstrap (written by .ci/sanity.py)."""
 import os
@@ -54,22 +55,17 @@ def place_bootstrap():
         f.write(BOOTSTRAP)
 
 
-def copy_collection():
-    if os.path.isdir(DEST):
-        shutil.rmtree(DEST)
-    os.makedirs(DEST)
-    for name in SHIPPED:
-        src = os.path.join(ROOT, name)
-        if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(DEST, name), ignore=lambda d, names: [n for n in names if n in SKIP_DIRS])
-        elif os.path.isfile(src):
-            shutil.copy(src, os.path.join(DEST, name))
-    # tests/lab exercises the lab stand-ins (not shipped); keep sanity to the collection's code.
-    shutil.rmtree(os.path.join(DEST, "tests", "lab"), ignore_errors=True)
+def install_collection():
+    """Build and install the tarball under WORK; return the installed collection's directory."""
+    if os.path.isdir(WORK):
+        shutil.rmtree(WORK)
+    os.makedirs(WORK)
+    _, dest = build_and_install(WORK)
     # The copy lives inside this checkout's (ignored) .cache, so ansible-test would ask the outer
     # git repository for its file list and find nothing: give the copy a repository of its own.
-    subprocess.run(["git", "init", "-q"], cwd=DEST, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=DEST, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    return dest
 
 
 def ensure_shellcheck():
@@ -84,14 +80,15 @@ def ensure_shellcheck():
 def main():
     ensure_shellcheck()
     place_bootstrap()
-    copy_collection()
+    print("==> ansible-test sanity: build and install the tarball", flush=True)
+    dest = install_collection()
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    print(f"==> ansible-test sanity (Python {py}) in {os.path.relpath(DEST, ROOT)}", flush=True)
+    print(f"==> ansible-test sanity (Python {py}) in {os.path.relpath(dest, ROOT)}", flush=True)
     env = dict(os.environ)
     env.setdefault("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt")
     cmd = [os.path.join(os.path.dirname(sys.executable), "ansible-test"), "sanity", "--color", "no",
            "--python", py, "--requirements"] + sys.argv[1:]
-    sys.exit(subprocess.call(cmd, cwd=DEST, env=env))
+    sys.exit(subprocess.call(cmd, cwd=dest, env=env))
 
 
 if __name__ == "__main__":
