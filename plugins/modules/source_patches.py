@@ -369,7 +369,7 @@ def run(params, check_mode, run_command):
                           in_commit=in_commit, created=sorted(set(created)), tree_id=result['tree_id'])
         if not check_mode and record != new_record:
             write_record(record_path, new_record)
-        if result['tree_id'] != expected_tree:
+        if result['changed'] and result['tree_id'] != expected_tree:
             result['warnings'] = ['%s holds files that are neither in %s nor from the patches (tree %s, expected %s); '
                                   'they were left in place.' % (path, commit, result['tree_id'], expected_tree)]
         return result
