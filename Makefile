@@ -18,7 +18,7 @@ LAB_INVENTORY ?= inventories/lab
 # `make molecule SCENARIOS=faults`.
 SCENARIOS ?= default upgrade faults
 
-.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity unit acceptance molecule lab-pins clean
+.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance molecule lab-pins clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,7 +55,7 @@ lab-down: ## remove every container, network, image and state file the lab made
 lab-pins: venv ## regenerate inventories/lab/group_vars/all/lab_pins.yml from the lab sources
 	@$(PY) lab/upstream/build.py --out lab/.state/upstream-root --pins inventories/lab/group_vars/all/lab_pins.yml
 
-test: lint sanity unit molecule ## run every check: lint, sanity, unit tests, Molecule scenarios
+test: lint sanity tarball-test unit molecule ## run every check: lint, sanity, the tarball, unit tests, Molecule scenarios
 
 lint: venv ## yamllint and ansible-lint (production profile)
 	@echo "==> yamllint"
@@ -63,8 +63,11 @@ lint: venv ## yamllint and ansible-lint (production profile)
 	@echo "==> ansible-lint (production profile)"
 	@$(BIN)/ansible-lint --offline --profile production
 
-sanity: venv ## ansible-test sanity on a copy placed under ansible_collections/rkllm/fleet
+sanity: venv ## ansible-test sanity on the collection tarball, installed
 	@$(PY) .ci/sanity.py
+
+tarball-test: venv ## build the tarball, check what it holds, install it, run its unit tests and its playbooks as a user
+	@$(PY) .ci/tarball_test.py
 
 unit: venv ## pytest: modules, module_utils, filters, lab stand-ins and lab upstream
 	@echo "==> pytest"

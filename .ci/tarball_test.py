@@ -51,6 +51,8 @@ ALLOWED = [
     "changelogs/fragments/*.yml", "changelogs/fragments/*.yaml",
     "inventories", "inventories/example", "inventories/example/*",
     "tests", "tests/unit", "tests/unit/*", "tests/sanity", "tests/sanity/ignore-*.txt",
+    # the alert rules' promtool tests and renderer, which tests/unit/test_alert_rules.py runs
+    "tests/prometheus", "tests/prometheus/*",
     # the table of real boards tests/unit builds its device-tree fixtures from (stdlib only)
     "lab", "lab/boards.py",
 ]
