@@ -194,3 +194,36 @@ def test_the_hugging_face_cache_is_not_writable_by_rkllama():
     assert settings(text, "ProtectSystem") == ["strict"]
     # The cache still is where transformers and exo look for it.
     assert environment(text)["HF_HOME"] == "/var/lib/rkllama/.cache/huggingface"
+
+
+def _tasks(path):
+    import yaml
+    with open(os.path.join(ROOT, path)) as fh:
+        return yaml.safe_load(fh) or []
+
+
+@pytest.mark.parametrize("path", ["roles/rkllama/tasks/install.yml", "roles/rkllama/tasks/models.yml"])
+def test_root_never_follows_a_link_where_it_makes_directories(path):
+    """ansible.builtin.file follows links by default: a directory the service swapped for a link to
+    /etc/systemd/system would be handed to the service user. Every such task must say follow: false."""
+    service_paths = ("rkllama_home", "_rkllama_dir", "_rkllama_models_dir", "_rkllama_hf", "_rkllama_cache")
+    checked = 0
+    for task in _tasks(path):
+        args = task.get("ansible.builtin.file")
+        if args and args.get("state") == "directory" and any(p in str(task) for p in service_paths):
+            assert args.get("follow") is False, task["name"]
+            checked += 1
+    assert checked > 0
+
+
+def test_root_owns_everything_it_writes_in_the_hugging_face_cache():
+    """The seeded cache is root's: no task of models.yml hands a path to the service user."""
+    for task in _tasks("roles/rkllama/tasks/models.yml"):
+        for module in ("ansible.builtin.file", "ansible.builtin.copy", "rkllm.fleet.artifact", "ansible.builtin.template"):
+            args = task.get(module)
+            if args:
+                assert args.get("owner") == "root", (task["name"], args.get("owner"))
+    names = [t["name"] for t in _tasks("roles/rkllama/tasks/models.yml")]
+    # The link check runs before the first task that changes the cache.
+    assert names.index("Refuse links planted in the Hugging Face cache") < names.index(
+        "Create the Hugging Face cache directories, root's and read-only for the service")
