@@ -6,9 +6,9 @@
    required is there, nothing else is (no lab, Molecule, controller settings, pins or caches).
 2. `ansible-galaxy collection install --offline` into a temporary collections path.
 3. The unit tests of the installed copy, run there (tests/unit ships in the tarball).
-4. As a user with only that collections path, no ansible.cfg and a copy of the installed
-   example inventory: `ansible-playbook rkllm.fleet.<playbook> --syntax-check` for every
-   playbook, the same through a user's own playbook that imports rkllm.fleet.site and
+4. As a user with ansible-core and only that collections path (not the collections the
+   `ansible` package bundles), no ansible.cfg and a copy of the installed example inventory:
+   `ansible-playbook rkllm.fleet.<playbook> --syntax-check` for every playbook, the same through a user's own playbook that imports rkllm.fleet.site and
    rkllm.fleet.upgrade, and a run of the installed playbooks/tasks/board_target.yml from the
    user's directory (it reads the roles' defaults, which must resolve inside the collection,
    not next to the user's playbook).
@@ -169,6 +169,9 @@ def unit_tests(work, installed):
 def as_a_user(work, installed):
     collections = os.path.join(work, "collections")
     env = user_env(collections)
+    # Only ansible-core and this collection: not the collections the `ansible` package of this
+    # venv bundles in site-packages, which a user with ansible-core alone does not have.
+    env["ANSIBLE_COLLECTIONS_SCAN_SYS_PATH"] = "false"
     project = os.path.join(work, "my-fleet")
     os.makedirs(project)
     inventory = os.path.join(project, "inventory")
