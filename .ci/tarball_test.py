@@ -13,6 +13,10 @@
    user's directory (it reads the roles' defaults, which must resolve inside the collection,
    not next to the user's playbook).
 
+5. A fresh clone of the committed tree (the third way in): `ansible-playbook -i inventories/mine
+   playbooks/<playbook>.yml --syntax-check` with ansible-core only and the checkout's ansible.cfg,
+   no `make venv` (rkllm.fleet.* resolves through the committed collections/ link).
+
 `ansible-test sanity` runs on the same installed tarball in `make sanity` (.ci/sanity.py uses
 build_and_install below). Everything happens under a temporary directory outside this tree,
 so no ansible.cfg or pytest.ini of the checkout is picked up; it is removed at the end
@@ -207,6 +211,22 @@ def as_a_user(work, installed):
     print(f"    board_target.yml from {project}: runtime {runtime_default} (the role's default)")
 
 
+def fresh_checkout(work, source):
+    """The third way in: a clone of SOURCE's committed tree, nothing installed but ansible-core."""
+    if not os.path.isdir(os.path.join(source, ".git")):
+        print(f"    skipped: {source} is not a git checkout")
+        return
+    clone = os.path.join(work, "checkout")
+    run(["git", "clone", "-q", source, clone])
+    shutil.copytree(os.path.join(clone, "inventories", "example"), os.path.join(clone, "inventories", "mine"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="false", ANSIBLE_NOCOLOR="1", PYTHONDONTWRITEBYTECODE="1")
+    for name in PLAYBOOKS:
+        out = run([os.path.join(BIN, "ansible-playbook"), "-i", "inventories/mine", f"playbooks/{name}.yml",
+                   "--syntax-check"], env=env, cwd=clone)
+        print("    " + out.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -222,6 +242,8 @@ def main():
         unit_tests(work, installed)
         print("==> tarball: as a user (installed collection, own playbook, no ansible.cfg)", flush=True)
         as_a_user(work, installed)
+        print("==> a fresh checkout (git clone of the committed tree, ansible.cfg, no make venv)", flush=True)
+        fresh_checkout(work, os.path.abspath(args.source))
         print(f"==> tarball test passed: {os.path.basename(tarball)}")
     finally:
         if args.keep:
