@@ -18,7 +18,7 @@ LAB_INVENTORY ?= inventories/lab
 # `make molecule SCENARIOS=faults`.
 SCENARIOS ?= default upgrade faults
 
-.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance molecule lab-pins clean
+.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance wheels molecule lab-pins clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,7 +55,7 @@ lab-down: ## remove every container, network, image and state file the lab made
 lab-pins: venv ## regenerate inventories/lab/group_vars/all/lab_pins.yml from the lab sources
 	@$(PY) lab/upstream/build.py --out lab/.state/upstream-root --pins inventories/lab/group_vars/all/lab_pins.yml
 
-test: lint sanity tarball-test unit molecule ## run every check: lint, sanity, the tarball, unit tests, Molecule scenarios
+test: lint sanity tarball-test unit wheels molecule ## run every check: lint, sanity, the tarball, unit tests, wheels, Molecule scenarios
 
 lint: venv ## yamllint and ansible-lint (production profile)
 	@echo "==> yamllint"
@@ -75,6 +75,10 @@ unit: venv ## pytest: modules, module_utils, filters, lab stand-ins and lab upst
 
 acceptance: venv ## the fleet's contract (tests/acceptance) against an inventory: make acceptance INVENTORY=inventories/mine
 	@$(BIN)/pytest tests/acceptance --ansible-inventory=$(or $(INVENTORY),$(LAB_INVENTORY)) -p no:cacheprovider -rfEs $(PYTEST_ARGS)
+
+wheels: venv ## every shipped pip constraints file resolves to wheels for linux aarch64/x86_64 on each Python its header allows (PyPI)
+	@echo "==> wheels (tools/constraints.py check)"
+	@$(PY) tools/constraints.py check
 
 molecule: venv ## Molecule scenarios on the lab images ($(SCENARIOS))
 	@$(PY) lab/lab.py images
