@@ -168,7 +168,7 @@ def _sent_before_the_first_pass(usage):
     (process.py:72-79, 102-126 leave the last token there), not a token of this one.
     """
     rate = usage.get('tokens_per_second') if isinstance(usage, dict) else None
-    return type(rate) is int and rate == 0  # noqa: E721  (int 0, not 0.0 and not False)
+    return isinstance(rate, int) and not isinstance(rate, bool) and rate == 0  # the integer 0, not 0.0
 
 
 class Generation(object):

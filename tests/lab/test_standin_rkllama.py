@@ -524,8 +524,8 @@ def test_a_stale_token_is_the_first_chunk_of_the_next_stream_at_once(server):
     assert timed[0][1]["choices"][0]["content"] == LAST
     assert timed[1][0] - timed[0][0] >= 0.04  # RKLLM_LAB_PREFILL_SECONDS=0.05: the real first token
     # process.py:24-29, 123: sent before the loop's first pass, its tokens_per_second is still the integer 0.
-    assert type(timed[0][1]["usage"]["tokens_per_second"]) is int
-    assert all(type(c["usage"]["tokens_per_second"]) is float for _t, c in timed[1:])
+    assert isinstance(timed[0][1]["usage"]["tokens_per_second"], int)
+    assert all(isinstance(c["usage"]["tokens_per_second"], float) for _t, c in timed[1:])
 
 
 def concurrent_streams(srv, count):
