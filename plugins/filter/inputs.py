@@ -101,8 +101,10 @@ def _file_problems(where, entry, allow_unpinned, has_name_key):
             problems.append(
                 '%s is not pinned: revision %s is a moving ref and no sha256 is given, so what the mirror or '
                 'Hugging Face serves under it today would be installed (and a later run could install another '
-                'file). Pin it with sha256 (the SHA256 Hugging Face shows for the file) or with the commit id as '
-                'revision, or set rkllama_allow_unpinned_models: true to trust the mirror.' % (where, _show(revision)))
+                'file). Pin it with sha256 (the SHA256 Hugging Face shows on the file\'s page, or the X-Linked-Etag of '
+                '`curl -sI https://huggingface.co/REPO/resolve/main/FILE`) or with the commit id as revision '
+                '(`curl -s https://huggingface.co/api/models/REPO/revision/main` shows it as "sha"), or set '
+                'rkllama_allow_unpinned_models: true to trust the mirror.' % (where, _show(revision)))
     return problems
 
 
