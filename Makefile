@@ -18,7 +18,7 @@ LAB_INVENTORY ?= inventories/lab
 # `make molecule SCENARIOS=faults`.
 SCENARIOS ?= default upgrade faults
 
-.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance wheels molecule lab-pins clean
+.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance wheels molecule lab-pins clean docs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,13 +55,16 @@ lab-down: ## remove every container, network, image and state file the lab made
 lab-pins: venv ## regenerate inventories/lab/group_vars/all/lab_pins.yml from the lab sources
 	@$(PY) lab/upstream/build.py --out lab/.state/upstream-root --pins inventories/lab/group_vars/all/lab_pins.yml
 
-test: lint sanity tarball-test unit wheels molecule ## run every check: lint, sanity, the tarball, unit tests, wheels, Molecule scenarios
+test: lint docs sanity tarball-test unit wheels molecule ## run every check: lint, docs, sanity, the tarball, unit tests, wheels, Molecule scenarios
 
 lint: venv ## yamllint and ansible-lint (production profile)
 	@echo "==> yamllint"
 	@$(BIN)/yamllint -s .
 	@echo "==> ansible-lint (production profile)"
 	@$(BIN)/ansible-lint --offline --profile production
+
+docs: venv ## antsibull-docs lint-collection-docs, then the HTML site (reference, README, docs/, role READMEs) in build/docs/html
+	@$(PY) .ci/docs.py
 
 sanity: venv ## ansible-test sanity on the collection tarball, installed
 	@$(PY) .ci/sanity.py

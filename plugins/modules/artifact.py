@@ -21,11 +21,11 @@ description:
     A failed, corrupt or wrong-architecture download never replaces O(dest).
   - A transfer that breaks mid-body (a timeout, a reset connection, a truncated or short body) is retried like
     any other transient failure; the retry asks for the missing bytes only (an HTTP C(Range) request guarded by
-    C(If-Range)) when the server announced C(Accept-Ranges: bytes), and starts again from the first byte otherwise.
+    C(If-Range)) when the server's C(Accept-Ranges) header said C(bytes), and starts again from the first byte otherwise.
   - O(deadline) bounds the whole download, retries included, so a server that keeps sending a byte now and then
     can't hold the run forever.
   - Before it starts, it removes the partial files (C(.artifact-*.part)) that an interrupted run of this module
-    left in the directory of O(dest): files of the same user last written before this run began. Removing them
+    left in the directory of O(dest), that is files of the same user last written before this run began. Removing them
     does not make the result changed (it is reported in RV(removed_partials)).
   - The identity can be the one the origin publishes, so a known file needs no hand-made checksum, for example
     the git blob id of a file in a git repository at a release tag, or the sha256 of a Hugging Face LFS file.
