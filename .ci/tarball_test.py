@@ -15,7 +15,8 @@
 
 5. A fresh clone of the committed tree (the third way in): `ansible-playbook -i inventories/mine
    playbooks/<playbook>.yml --syntax-check` with ansible-core only and the checkout's ansible.cfg,
-   no `make venv` (rkllm.fleet.* resolves through the committed collections/ link).
+   no `make venv` (rkllm.fleet.* resolves through the committed collections/ link); and
+   playbooks/site.yml from another directory without that ansible.cfg (playbooks/collections).
 
 `ansible-test sanity` runs on the same installed tarball in `make sanity` (.ci/sanity.py uses
 build_and_install below). Everything happens under a temporary directory outside this tree,
@@ -74,7 +75,7 @@ CHECKOUT_ONLY = {
         "sets PYTHONPATH to the checkout's .cache/collections instead of keeping sys.path",
 }
 # Never in a tarball, wherever they appear.
-FORBIDDEN_PARTS = {".pytest_cache", "__pycache__", ".cache", ".venv", ".git", ".state", "molecule",
+FORBIDDEN_PARTS = {".pytest_cache", "__pycache__", ".cache", ".venv", ".git", ".state", "molecule", "collections",
                    "ansible.cfg", "pytest.ini", "requirements.txt", "requirements-dev.txt", "_build"}
 
 
@@ -225,6 +226,11 @@ def fresh_checkout(work, source):
         out = run([os.path.join(BIN, "ansible-playbook"), "-i", "inventories/mine", f"playbooks/{name}.yml",
                    "--syntax-check"], env=env, cwd=clone)
         print("    " + out.strip().splitlines()[-1])
+    # From another directory, without the checkout's ansible.cfg: the playbooks' adjacent
+    # collections/ (a committed link) still resolves rkllm.fleet.
+    out = run([os.path.join(BIN, "ansible-playbook"), "-i", os.path.join(clone, "inventories", "mine"),
+               os.path.join(clone, "playbooks", "site.yml"), "--syntax-check"], env=env, cwd=work)
+    print("    from another directory: " + out.strip().splitlines()[-1])
 
 
 def main():
