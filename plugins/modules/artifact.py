@@ -11,7 +11,7 @@ DOCUMENTATION = r'''
 ---
 module: artifact
 short_description: Download a file, verify its identity, and place it atomically
-version_added: 0.1.0
+version_added: 1.0.0
 description:
   - Makes O(dest) hold the file at O(url) whose identity is pinned with O(sha256) or O(git_blob).
   - When O(dest) already has that identity nothing is downloaded and the result is not changed.

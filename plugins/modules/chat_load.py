@@ -11,7 +11,7 @@ DOCUMENTATION = r"""
 ---
 module: chat_load
 short_description: Send a bounded load of chat completions to an OpenAI-compatible endpoint and measure it
-version_added: 0.1.0
+version_added: 1.0.0
 description:
   - Sends chat completions to C(<url>/v1/chat/completions) from O(concurrency) concurrent clients and reports what a user
     of the endpoint would measure, latency, time to first token, aggregate tokens per second, and which board answered.

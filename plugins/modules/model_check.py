@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: model_check
 short_description: Check that an rkllama model loads on the NPU and generates text
-version_added: 0.1.0
+version_added: 1.0.0
 description:
   - Talks to rkllama's HTTP API (the old routes of the C(jfreed-dev/rkllama) fork) to make sure that O(model) is loaded
     on the board's NPU and generates text, and measures the load time, the time to first token and the tokens per second.

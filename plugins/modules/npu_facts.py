@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: npu_facts
 short_description: Report a Rockchip board's NPU, its kernel driver and whether RKLLM can run on it
-version_added: 0.1.0
+version_added: 1.0.0
 description:
   - Reads the device tree, the rknpu driver's files, the NPU's device node and its devfreq
     directory, and returns them as the C(rknpu) fact, with a verdict (RV(ansible_facts.rknpu.supported))

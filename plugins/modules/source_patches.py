@@ -11,7 +11,7 @@ DOCUMENTATION = r'''
 ---
 module: source_patches
 short_description: Apply a set of patches to a git checkout of a pinned commit, idempotently
-version_added: 0.2.0
+version_added: 1.0.0
 description:
   - Makes the git work tree O(path), which must be checked out at O(commit), hold exactly O(commit) plus
     O(patches), applied in the given order.
