@@ -18,7 +18,7 @@ LAB_INVENTORY ?= inventories/lab
 # `make molecule SCENARIOS=faults`.
 SCENARIOS ?= default upgrade faults
 
-.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance wheels molecule lab-pins clean docs
+.PHONY: help venv lab lab-images lab-up lab-status lab-down test lint sanity tarball-test unit acceptance wheels molecule lab-pins clean docs matrix ee
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,7 +55,7 @@ lab-down: ## remove every container, network, image and state file the lab made
 lab-pins: venv ## regenerate inventories/lab/group_vars/all/lab_pins.yml from the lab sources
 	@$(PY) lab/upstream/build.py --out lab/.state/upstream-root --pins inventories/lab/group_vars/all/lab_pins.yml
 
-test: lint docs sanity tarball-test unit wheels molecule ## run every check: lint, docs, sanity, the tarball, unit tests, wheels, Molecule scenarios
+test: lint docs sanity tarball-test matrix ee unit wheels molecule ## run every check: lint, docs, sanity, the tarball, the ansible-core matrix, the EE, unit tests, wheels, Molecule scenarios
 
 lint: venv ## yamllint and ansible-lint (production profile)
 	@echo "==> yamllint"
@@ -71,6 +71,12 @@ sanity: venv ## ansible-test sanity on the collection tarball, installed
 
 tarball-test: venv ## build the tarball, check what it holds, install it, run its unit tests and its playbooks as a user
 	@$(PY) .ci/tarball_test.py
+
+matrix: venv ## sanity, unit tests and the playbooks on every other ansible-core version requires_ansible admits (MATRIX_ARGS=--all for .venv's too)
+	@$(PY) .ci/matrix.py $(MATRIX_ARGS)
+
+ee: venv ## build the execution environment rkllm-fleet/ee (ansible-builder, local base image) and syntax-check the playbooks in it
+	@$(PY) .ci/ee.py
 
 unit: venv ## pytest: modules, module_utils, filters, lab stand-ins and lab upstream
 	@echo "==> pytest"

@@ -55,12 +55,12 @@ def place_bootstrap():
         f.write(BOOTSTRAP)
 
 
-def install_collection():
+def install_collection(work=WORK):
     """Build and install the tarball under WORK; return the installed collection's directory."""
-    if os.path.isdir(WORK):
-        shutil.rmtree(WORK)
-    os.makedirs(WORK)
-    _, dest = build_and_install(WORK)
+    if os.path.isdir(work):
+        shutil.rmtree(work)
+    os.makedirs(work)
+    _, dest = build_and_install(work)
     # The copy lives inside this checkout's (ignored) .cache, so ansible-test would ask the outer
     # git repository for its file list and find nothing: give the copy a repository of its own.
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -47,7 +47,7 @@ ROLES = ["npu", "runtime", "rkllama", "exo", "gateway_nginx", "gateway_prometheu
 # ('*' crosses '/'); a tarball member matching none of them fails the test.
 ALLOWED = [
     "MANIFEST.json", "FILES.json", "README.md", "LICENSE", "CHANGELOG.rst",
-    "meta", "meta/*.yml",
+    "meta", "meta/*.yml", "meta/bindep.txt",
     "plugins", "plugins/*",
     "roles", "roles/*",
     "playbooks", "playbooks/*",
