@@ -47,12 +47,18 @@ def image_exists(image):
     return subprocess.run(["docker", "image", "inspect", image], capture_output=True, check=False).returncode == 0
 
 
+def ensure_docker():
+    """CI starts with no dockerd: the lab's helper starts one (CI-MACHINE.md, item 1)."""
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        check([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "docker"])
+
+
 def base_image():
     if image_exists(EE_BASE):
         return
     if not image_exists(LAB_BASE):
         say(f"{LAB_BASE} is missing: building the lab's images (lab/lab.py images)")
-        check([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "images"])
+        check([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "images", "--release", "trixie"])
     say(f"building {EE_BASE} from {LAB_BASE}")
     # PIP_CERT: the system CA bundle (the lab's image trusts this machine's CA in it), so pip
     # works behind a TLS-inspecting proxy; the package lists stay for bindep's apt-get installs.
@@ -120,6 +126,7 @@ def check_ansible_core():
 
 def main():
     check_ansible_core()
+    ensure_docker()
     base_image()
     version = tarball()
     build(version)

@@ -131,6 +131,12 @@ def host_command(minor, release):
     return [python, os.path.abspath(__file__), "--here", work]
 
 
+def ensure_docker():
+    """CI starts with no dockerd: the lab's helper starts one (CI-MACHINE.md, item 1)."""
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        check([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "docker"])
+
+
 def container_image(release):
     """rkllm-fleet/matrix:<release>: the lab's Debian 13 base, python3-venv, git, shellcheck, ansible-core."""
     dockerfile = f"""FROM {BASE_IMAGE}
@@ -145,13 +151,14 @@ RUN python3 -m venv /opt/ansible && /opt/ansible/bin/pip install -q ansible-core
         return image
     if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True, check=False).returncode != 0:
         say(f"{BASE_IMAGE} is missing: building the lab's images (lab/lab.py images)")
-        check([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "images"])
+        check([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "images", "--release", "trixie"])
     say(f"building {image} from {BASE_IMAGE}")
     check(["docker", "build", "-q", "-t", image, "-"], input=dockerfile.encode())
     return image
 
 
 def container_command(minor, release):
+    ensure_docker()
     image = container_image(release)
     name = f"rkllm-fleet-matrix-{minor.replace('.', '-')}-{os.getpid()}"
     return ["docker", "run", "--rm", "--name", name, "--entrypoint", "",
