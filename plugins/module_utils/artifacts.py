@@ -456,8 +456,8 @@ def fetch_verified(opener, url, dest, kind, value, elf=None, retries=3, timeout=
                                        ' (%d attempts resumed the partial file)' % transfer.resumed if transfer.resumed else '', dest))
             if log:
                 log('attempt %d for %s failed (%s), %s' % (attempts, url, last,
-                                                            'resuming at byte %d' % transfer.have if transfer.ranges and transfer.have
-                                                            else 'retrying from the start'))
+                                                           'resuming at byte %d' % transfer.have if transfer.ranges and transfer.have
+                                                           else 'retrying from the start'))
             wait = delay * (2 ** (attempts - 1))
             left = transfer.remaining()
             if left is not None:

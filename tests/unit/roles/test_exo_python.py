@@ -55,7 +55,7 @@ def choose(board, **role_vars):
                ANSIBLE_ROLES_PATH=os.path.join(REPO, "roles"), ANSIBLE_FACT_CACHING="memory",
                ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default")
     proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(board / "play.yml"), "-e", "@" + str(board / "vars.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
     if proc.returncode != 0:
         return None, proc.stdout + proc.stderr
     return json.loads(out.read_text()), proc.stdout

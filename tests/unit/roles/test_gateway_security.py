@@ -230,7 +230,7 @@ def test_each_key_is_limited(gateway):
 
 def test_tls_is_forward_secret_without_tickets(tmp_path):
     conf = render(tmp_path, NGINX_ROLE, ["nginx.conf"], dict(MIRROR_VARS, gateway_nginx_tls_cert="/etc/ssl/x.pem",
-                                                              gateway_nginx_tls_key="/etc/ssl/x.key"))["nginx.conf"]
+                                                             gateway_nginx_tls_key="/etc/ssl/x.key"))["nginx.conf"]
     assert "ssl_session_tickets off;" in conf
     ciphers = re.search(r"ssl_ciphers ([^;]+);", conf).group(1).split(":")
     assert ciphers and all(c.startswith("ECDHE-") for c in ciphers)

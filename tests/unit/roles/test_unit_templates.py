@@ -6,7 +6,6 @@ writable by the service.
 """
 
 import os
-import re
 
 import jinja2
 import pytest

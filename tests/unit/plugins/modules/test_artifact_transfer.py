@@ -165,7 +165,7 @@ def test_a_short_body_from_a_server_without_ranges_starts_again(without_ranges, 
     rc, result = run_module(args(without_ranges, dest))
     assert rc == 0, result
     assert result['attempts'] == 2 and placed_alone(dest)
-    assert [r for r, _ in without_ranges.requests] == [None, None], 'no Range to a server that did not offer ranges'
+    assert [r for r, _headers in without_ranges.requests] == [None, None], 'no Range to a server that did not offer ranges'
 
 
 def test_a_reset_from_a_server_that_ignores_ranges_starts_again(without_ranges, dest):

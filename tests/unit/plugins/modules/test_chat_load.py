@@ -231,7 +231,7 @@ class DripServer(object):
     def _accept(self):
         while not self.stop.is_set():
             try:
-                conn, _ = self.listener.accept()
+                conn = self.listener.accept()[0]
             except socket.timeout:
                 continue
             except OSError:
