@@ -123,3 +123,15 @@ def run_promtool(directory, check_only=False):
 def test_promtool_unit_tests_pass(rendered):
     code, output = run_promtool(str(rendered))
     assert code == 0, output
+
+
+def test_every_metric_in_the_rules_is_exported_by_the_fleet(rules):
+    spec = importlib.util.spec_from_file_location("test_dashboard_names", os.path.join(REPO, "tests", "unit", "test_dashboard.py"))
+    names = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(names)
+    unknown = {}
+    for rule in rules:
+        for name in names.metric_names(rule["expr"]):
+            if not names.known_metric(name):
+                unknown.setdefault(rule["alert"], set()).add(name)
+    assert not unknown, "metrics the fleet does not export: %r" % unknown
