@@ -3,7 +3,8 @@
 
 Lab only; never shipped (galaxy build_ignore). Usage:
 
-  lab.py images [--release trixie|bookworm]   build (or reuse) the lab images
+  lab.py images [--release trixie|bookworm]   build (or reuse) the lab images (and those of the
+                                               inventory boards' `lab_release`, e.g. bookworm)
   lab.py up [--inventory FILE]                 start the fleet the lab inventory lists
   lab.py status                                print the endpoints and one line per board
   lab.py down                                  remove every container, network, image and file the lab made
@@ -185,12 +186,49 @@ def build_base(release):
         shutil.rmtree(rootfs, ignore_errors=True)
 
 
+# The lab's CPython build (lab/images/python) is served where python-build-standalone's releases
+# are, under a release named "lab"; lab.py writes its identity for the lab inventory's exo_python_builds.
+PYTHON_BUILD_RELEASE = "bookworm"
+PYTHON_BUILD_URL = "https://github.com/indygreg/python-build-standalone/releases/download/lab/"
+PYTHON_BUILD_STATE = os.path.join(STATE, "python-build.json")
+# Set by images()/up() when a board of the inventory runs a release whose Python exo can't use.
+_WANT_PYTHON_BUILD = {"wanted": False}
+
+
+def build_python(out):
+    """Build (or reuse) the lab CPython image, put its tarball into the upstream tree, record its identity."""
+    build_base(PYTHON_BUILD_RELEASE)
+    build_image("python", PYTHON_BUILD_RELEASE)
+    image = f"{IMAGE_REPO}/python:{PYTHON_BUILD_RELEASE}"
+    name = docker("create", image, "true").stdout.strip()
+    try:
+        listing = docker("run", "--rm", image, "ls", "/out").stdout.split()
+        tarball = [f for f in listing if f.endswith("-install_only.tar.gz")][0]
+        dest_dir = os.path.join(out, "github.com", *PYTHON_BUILD_URL.split("/")[3:-1])
+        os.makedirs(dest_dir, exist_ok=True)
+        docker("cp", f"{name}:/out/{tarball}", os.path.join(dest_dir, tarball))
+    finally:
+        docker("rm", "-f", name, check=False)
+    with open(os.path.join(dest_dir, tarball), "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    version = tarball.split("-")[1].split("+")[0]
+    arch = tarball.split("+lab-")[1].split("-")[0]
+    with open(PYTHON_BUILD_STATE, "w", encoding="utf-8") as f:
+        json.dump({arch: {"version": version, "url": PYTHON_BUILD_URL + tarball.replace("+", "%2B"), "sha256": sha256}},
+                  f, indent=2)
+    say(f"Lab CPython build {version} ({arch}) served at {PYTHON_BUILD_URL}{tarball}")
+
+
 def build_upstream_content():
     """Build the lab upstream's content tree (deterministic) for the upstream image."""
     out = os.path.join(STATE, "upstream-root")
     builder = os.path.join(LAB, "upstream", "build.py")
     say("Building the lab upstream's content (runtime builds, stand-in git repos, models, tokenizers)")
     run([sys.executable, builder, "--out", out], capture=True)
+    if _WANT_PYTHON_BUILD["wanted"]:
+        build_python(out)
+    elif os.path.exists(PYTHON_BUILD_STATE):
+        os.remove(PYTHON_BUILD_STATE)
     return out
 
 
@@ -228,12 +266,26 @@ def build_image(kind, release):
         shutil.rmtree(ctx, ignore_errors=True)
 
 
-def images(release=DEFAULT_RELEASE, kinds=("board", "gateway", "upstream")):
+def board_releases(inventory):
+    """Releases of the inventory's boards other than the default (a board's `lab_release`)."""
+    if not inventory or not os.path.exists(inventory):
+        return set()
+    return {m["vars"]["lab_release"] for m in load_inventory(inventory)
+            if m["image_kind"] == "board" and m["vars"].get("lab_release")}
+
+
+def images(release=DEFAULT_RELEASE, kinds=("board", "gateway", "upstream"), inventory=None):
     ensure_docker()
     os.makedirs(STATE, exist_ok=True)
+    others = board_releases(inventory) - {release}
+    # Debian 12's Python is 3.11: exo needs a Python build from the (lab) upstream there.
+    _WANT_PYTHON_BUILD["wanted"] = "bookworm" in others | {release}
     build_base(release)
     for kind in kinds:
         build_image(kind, release)
+    for other in sorted(others):
+        build_base(other)
+        build_image("board", other)
 
 
 # --------------------------------------------------------------------------- fleet
@@ -309,7 +361,7 @@ def make_sysroot(member):
 
 
 def up(inventory, release=DEFAULT_RELEASE):
-    images(release)
+    images(release, inventory=inventory)
     if docker("network", "inspect", NETWORK, check=False).returncode != 0:
         say(f"Creating the Docker network {NETWORK}")
         docker("network", "create", "--label", "rkllm.lab=1", NETWORK)
@@ -416,7 +468,7 @@ def main():
     if args.command == "docker":
         ensure_docker()
     elif args.command == "images":
-        images(args.release)
+        images(args.release, inventory=args.inventory)
     elif args.command == "up":
         up(args.inventory, args.release)
     elif args.command == "status":
