@@ -343,3 +343,62 @@ def test_nginx_accepts_the_renders(tmp_path, variant):
             subprocess.run(["docker", "exec", LAB_GATEWAY, "rm", "-rf", remote], check=False)
             fcntl.flock(lock, fcntl.LOCK_UN)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# A fake upstream (laid out as <host>/<path>, like the lab's) whose answers redirect; the mirror runs in
+# a second nginx on the lab gateway (own ports and pid file), which is stopped afterwards.
+FAKE_UPSTREAM = """
+server {
+    listen 127.0.0.1:18999;
+    absolute_redirect off;
+    location = /github.com/redir-ok { return 302 https://objects.githubusercontent.com/x; }
+    location = /github.com/redir-relative { return 302 /target; }
+    location = /github.com/redir-elsewhere { return 302 https://evil.example.com/x; }
+    location = /github.com/redir-http { return 302 http://objects.githubusercontent.com/x; }
+    location = /github.com/redir-chain { return 302 https://objects.githubusercontent.com/chain; }
+    location = /objects.githubusercontent.com/chain { return 302 https://evil.example.com/y; }
+    location = /objects.githubusercontent.com/x { return 200 "redirected-ok\\n"; }
+    location = /github.com/target { return 200 "relative-ok\\n"; }
+    location / { return 404; }
+}
+"""
+
+
+@pytest.mark.skipif(not lab_gateway_running(), reason="the Docker lab's gateway is not running (make lab)")
+def test_mirror_follows_redirects_only_to_allowed_origins(tmp_path):
+    remote = f"/tmp/rkllm-redirects-{uuid.uuid4().hex[:8]}"
+    conf = render(tmp_path, NGINX_ROLE, ["rkllm-mirror.conf"], dict(
+        MIRROR_VARS, gateway_nginx_internal_port=18081, gateway_nginx_mirror_upstream="http://127.0.0.1:18999",
+        gateway_nginx_mirror_upstream_allow_http=True, gateway_nginx_mirror_cache_dir=f"{remote}/cache",
+        gateway_nginx_access_log=f"{remote}/gw.access.log", gateway_nginx_mirror_root=""))["rkllm-mirror.conf"]
+    main = (f"pid {remote}/nginx.pid;\nerror_log {remote}/error.log;\nevents {{}}\nhttp {{\ninclude /etc/nginx/mime.types;\n"
+            f"include {remote}/rkllm-mirror.conf;\n{FAKE_UPSTREAM}\n}}\n")
+
+    def sh(cmd, data=None):
+        return subprocess.run(["docker", "exec", "-i", LAB_GATEWAY, "sh", "-c", cmd], input=data, text=True, capture_output=True, check=False)
+
+    got = {}
+    with open(LAB_LOCK, "a", encoding="utf-8") as lock:
+        import fcntl  # pylint: disable=import-outside-toplevel
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            sh(f"mkdir -p {remote}/cache")
+            sh(f"cat > {remote}/rkllm-mirror.conf", conf)
+            sh(f"cat > {remote}/main.conf", main)
+            started = sh(f"nginx -c {remote}/main.conf")
+            assert started.returncode == 0, started.stderr
+            for name in ["redir-ok", "redir-relative", "redir-elsewhere", "redir-http", "redir-chain"]:
+                res = sh(f"curl -s -w ' %{{http_code}}' http://127.0.0.1:18081/github.com/{name}")
+                body, _, code = res.stdout.rpartition(" ")
+                got[name] = (code, body)
+        finally:
+            sh(f"[ -f {remote}/nginx.pid ] && kill $(cat {remote}/nginx.pid); sleep 1; rm -rf {remote}")
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    # Allowed targets are fetched (through the upstream, as the lab does), relative ones from the same origin.
+    assert got["redir-ok"] == ("200", "redirected-ok\n")
+    assert got["redir-relative"] == ("200", "relative-ok\n")
+    # Another host, plain http, or a second hop elsewhere: refused, naming where it pointed.
+    for name, target in [("redir-elsewhere", "https://evil.example.com/x"), ("redir-http", "http://objects.githubusercontent.com/x"),
+                         ("redir-chain", "https://evil.example.com/y")]:
+        code, body = got[name]
+        assert code == "502" and f"redirected to {target}, which is not https to an allowed origin" in body, (name, got[name])
