@@ -306,7 +306,7 @@ def published_ports(member):
     ports = []
     if member["image_kind"] == "gateway":
         ports += ["-p", f"127.0.0.1:{os.environ.get('LAB_GATEWAY_PORT', '18080')}:80",
-                  "-p", f"127.0.0.1:{os.environ.get('LAB_PROMETHEUS_PORT', '19090')}:9090"]
+                  "-p", f"127.0.0.1:{os.environ.get('LAB_PROMETHEUS_PORT', '19090')}:9092"]
     if member["image_kind"] == "upstream":
         ports += ["-p", f"127.0.0.1:{os.environ.get('LAB_UPSTREAM_PORT', '18000')}:8000"]
     return ports
