@@ -1,0 +1,62 @@
+"""The rkllama role installs from wheels only (issue 12): roles/rkllama/tasks/wheels.yml.
+
+A Python or platform the pinned constraints have no wheels for is refused once, before anything
+changes, naming the package, the Python version and the platform (read from the constraints'
+"# rkllm.fleet wheels:" and "no-wheel:" headers that tools/constraints.py writes). Each case runs
+the role's own task file with ansible-playbook on this machine.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+ARCH = platform.machine()
+
+PLAY = textwrap.dedent("""\
+    - hosts: localhost
+      connection: local
+      gather_facts: true
+      gather_subset: [min]
+      tasks:
+        - ansible.builtin.include_role:
+            name: rkllama
+            tasks_from: wheels.yml
+    """)
+
+
+def check(tmp_path, version, **role_vars):
+    (tmp_path / "play.yml").write_text(PLAY)
+    (tmp_path / "vars.json").write_text(json.dumps(dict(
+        role_vars, ansible_python_interpreter=sys.executable,
+        _rkllama_python_version={"rc": 0, "stdout": version})))
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_ROLES_PATH=os.path.join(REPO, "roles"), ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default")
+    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "play.yml"),
+                           "-e", "@" + str(tmp_path / "vars.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+
+
+def test_shipped_pins_accept_a_python_they_have_wheels_for(tmp_path):
+    rc, out = check(tmp_path, "3.13")
+    assert rc == 0, out
+
+
+def test_shipped_pins_refuse_a_python_without_wheels(tmp_path):
+    rc, out = check(tmp_path, "3.10")
+    assert rc != 0
+    assert "dependencies have no wheel for Python 3.10 on linux %s" % ARCH in out
+    assert "Nothing was changed" in out
+
+
+def test_the_refusal_names_the_package_without_a_wheel(tmp_path):
+    constraints = ("# rkllm.fleet wheels: 3.12/%s\n# rkllm.fleet no-wheel: 3.13/%s=numpy==2.0.0\n"
+                   "# rkllm.fleet source-only:\nnumpy==2.0.0\n") % (ARCH, ARCH)
+    rc, out = check(tmp_path, "3.13", rkllama_pip_constraints=constraints)
+    assert rc != 0
+    assert "numpy==2.0.0 has no wheel for Python 3.13 on linux %s" % ARCH in out
