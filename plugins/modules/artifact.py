@@ -100,6 +100,16 @@ options:
       - Verify the TLS certificate of HTTPS URLs.
     type: bool
     default: true
+  headers:
+    description:
+      - "Extra HTTP request headers sent with every request for the file, for example
+        C(Authorization: Bearer <token>) for a gated Hugging Face repository."
+      - They are sent to the host of the URL fetched (the mirror's when O(mirror) is set) only. A redirect to
+        another host, or from C(https) to C(http), is followed without them (a Hugging Face download redirects to a
+        pre-signed CDN URL that needs none).
+      - The option is C(no_log), so its values never appear in the result, the log or error messages.
+    type: dict
+    default: {}
 extends_documentation_fragment:
   - ansible.builtin.files
   - ansible.builtin.action_common_attributes
@@ -220,10 +230,48 @@ from ansible_collections.rkllm.fleet.plugins.module_utils.artifacts import (
 )
 
 
-def make_opener(validate_certs=True):
-    """Return ``opener(url, timeout)`` that maps transport failures to TransientError."""
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10
+
+
+def make_opener(validate_certs=True, sensitive=()):
+    """Return ``opener(url, timeout)`` that maps transport failures to TransientError.
+
+    Headers named in ``sensitive`` (the caller's O(headers), e.g. a token) go to the first URL's host
+    only: when a request carries one, redirects are followed here, and such headers are dropped on a
+    redirect to another host or from https to http.
+    """
+    sensitive = set(h.lower() for h in sensitive)
 
     def opener(url, timeout, headers=None):
+        hops = 0
+        while True:
+            carried = [k for k in (headers or {}) if k.lower() in sensitive]
+            try:
+                return open_one(url, timeout, headers, 'none' if carried else 'safe')
+            except HTTPError as e:
+                if not carried or e.code not in REDIRECT_CODES:
+                    raise_http(url, e)
+                hops += 1
+                newurl = e.filename or ''
+                old, new = urlsplit(url), urlsplit(newurl)
+                if hops > MAX_REDIRECTS or new.scheme not in ('http', 'https'):
+                    raise ArtifactError('%s redirected too often or to %s; nothing was changed.'
+                                        % (url, new.scheme or 'an unusable URL'))
+                if (new.scheme, new.netloc.lower()) != (old.scheme, old.netloc.lower()) and not (
+                        old.scheme == 'http' and new.scheme == 'https' and new.netloc.lower() == old.netloc.lower()):
+                    headers = dict((k, v) for k, v in headers.items() if k.lower() not in sensitive)
+                url = newurl
+
+    def raise_http(url, e):
+        if e.code == 416:
+            raise RangeNotSatisfiable('HTTP 416 to a resumed download')
+        if e.code >= 500 or e.code in (408, 429):
+            raise TransientError('HTTP %d %s' % (e.code, to_native(e.reason)))
+        raise ArtifactError('%s answered HTTP %d %s; nothing was changed. Check the URL, or that the mirror holds this file.'
+                            % (url, e.code, to_native(e.reason)))
+
+    def open_one(url, timeout, headers, follow):
         parts = urlsplit(url)
         if parts.scheme == 'file':
             path = unquote(parts.path)
@@ -234,15 +282,10 @@ def make_opener(validate_certs=True):
         if parts.scheme not in ('http', 'https'):
             raise ArtifactError('Unsupported URL scheme in %s; use http, https or file.' % url)
         try:
-            return open_url(url, timeout=timeout, validate_certs=validate_certs, follow_redirects='safe',
+            return open_url(url, timeout=timeout, validate_certs=validate_certs, follow_redirects=follow,
                             http_agent='rkllm.fleet-artifact', headers=headers)
-        except HTTPError as e:
-            if e.code == 416:
-                raise RangeNotSatisfiable('HTTP 416 to a resumed download')
-            if e.code >= 500 or e.code in (408, 429):
-                raise TransientError('HTTP %d %s' % (e.code, to_native(e.reason)))
-            raise ArtifactError('%s answered HTTP %d %s; nothing was changed. Check the URL, or that the mirror holds this file.'
-                                % (url, e.code, to_native(e.reason)))
+        except HTTPError:
+            raise
         except (URLError, socket.timeout, socket.error, IOError) as e:
             raise TransientError(to_native(getattr(e, 'reason', e)))
 
@@ -278,7 +321,10 @@ def run(params, check_mode, opener=None, sleep=None, log=None):
               'delay': params.get('retry_delay', 1.0), 'deadline': params.get('deadline', 7200), 'log': log}
     if sleep is not None:
         kwargs['sleep'] = sleep
-    opener = opener or make_opener(params.get('validate_certs', True))
+    extra = dict((to_native(k), to_native(v)) for k, v in (params.get('headers') or {}).items())
+    opener = opener or make_opener(params.get('validate_certs', True), sensitive=list(extra))
+    if extra:
+        kwargs['headers'] = extra
     try:
         tmp, ids, attempts = fetch_verified(opener, url, dest, kind, value, **kwargs)
     except IdentityMismatch as e:
@@ -288,7 +334,8 @@ def run(params, check_mode, opener=None, sleep=None, log=None):
         if log:
             log('%s; asking the mirror to fetch %s from its upstream again' % (e, url))
         try:
-            tmp, ids, attempts = fetch_verified(opener, url, dest, kind, value, headers=REFRESH_HEADERS, **kwargs)
+            kwargs['headers'] = dict(extra, **REFRESH_HEADERS)
+            tmp, ids, attempts = fetch_verified(opener, url, dest, kind, value, **kwargs)
         except IdentityMismatch as again:
             raise IdentityMismatch('%s (The mirror was asked to fetch it from its upstream again; the new copy is wrong too.)' % again)
         attempts += e.attempts
@@ -315,6 +362,7 @@ def main():
             timeout=dict(type='int', default=60),
             deadline=dict(type='int', default=7200),
             validate_certs=dict(type='bool', default=True),
+            headers=dict(type='dict', default={}, no_log=True),
         ),
         mutually_exclusive=[('sha256', 'git_blob')],
         required_one_of=[('sha256', 'git_blob')],

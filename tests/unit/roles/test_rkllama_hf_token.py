@@ -1,0 +1,80 @@
+"""rkllama_hf_token (issue 15): sent to Hugging Face only, by tasks that never log it.
+
+The header selection is rendered by ansible-playbook with the role's own vars/main.yml and the same
+expression roles/rkllama/tasks/models.yml uses (read from that file); the tasks that carry the token
+are read from the task files.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+ROLE = os.path.join(REPO, "roles", "rkllama")
+PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+TOKEN = "hf_s3cretTokenValue0123456789"
+
+
+def tasks(name):
+    with open(os.path.join(ROLE, "tasks", name)) as f:
+        return yaml.safe_load(f)
+
+
+def carrying():
+    out = []
+    for name in ("catalog.yml", "models.yml"):
+        for task in tasks(name):
+            args = task.get("rkllm.fleet.artifact") or task.get("ansible.builtin.uri")
+            if args is not None:  # every request these files make goes to a catalog origin
+                out.append((name, task))
+    return out
+
+
+def test_every_task_that_carries_the_token_is_no_log():
+    found = carrying()
+    assert len(found) == 3, [t["name"] for _, t in found]
+    for name, task in found:
+        args = task.get("rkllm.fleet.artifact") or task.get("ansible.builtin.uri")
+        assert "_rkllama_hf_auth" in str(args.get("headers", "")), (name, task["name"], "sends no token")
+        assert task.get("no_log") == "{{ _rkllama_hf_auth | length > 0 }}", (name, task["name"])
+
+
+@pytest.mark.parametrize("url,sent", [
+    ("https://huggingface.co/org/m/resolve/0123/model.rkllm", True),
+    ("https://cdn-lfs.hf.co/repos/x", True),
+    ("https://github.com/huggingface.co/model.rkllm", False),
+    ("https://huggingface.co.example.net/model.rkllm", False),
+    ("https://evilhf.co/model.rkllm", False),
+    ("file:///var/cache/rkllm/model.rkllm", False),
+])
+def test_the_token_goes_to_hugging_face_hosts_only(tmp_path, url, sent):
+    download = [t for n, t in carrying() if n == "models.yml"][0]
+    expression = download["rkllm.fleet.artifact"]["headers"]
+    play = textwrap.dedent("""\
+        - hosts: localhost
+          connection: local
+          gather_facts: false
+          vars_files: [{vars}]
+          vars:
+            item: {{url: "{url}"}}
+          tasks:
+            - ansible.builtin.copy:
+                dest: {out}
+                content: "{{{{ headers | to_json }}}}"
+                mode: "0644"
+              vars:
+                headers: {expr}
+        """).format(vars=os.path.join(ROLE, "vars", "main.yml"), url=url, out=tmp_path / "h.json",
+                    expr=yaml.safe_dump(expression, default_style='"').strip())
+    (tmp_path / "play.yml").write_text(play)
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
+    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "play.yml"), "-e", "rkllama_hf_token=" + TOKEN,
+                           "-e", "role_path=" + ROLE, "-e", "ansible_python_interpreter=" + sys.executable],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    headers = (tmp_path / "h.json").read_text()
+    assert (("Bearer " + TOKEN) in headers) is sent, headers
