@@ -78,3 +78,18 @@ def test_the_token_goes_to_hugging_face_hosts_only(tmp_path, url, sent):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     headers = (tmp_path / "h.json").read_text()
     assert (("Bearer " + TOKEN) in headers) is sent, headers
+
+
+@pytest.mark.parametrize("token,ok", [("", True), (TOKEN, True), ("hf_abc\nX-Evil: 1", False), ("hf abc", False)])
+def test_preflight_refuses_a_token_that_is_not_one_header_value(tmp_path, token, ok):
+    check = [t for t in tasks("preflight.yml") if t["name"] == "Check the Hugging Face token"][0]
+    play = [{"hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": [check]}]
+    (tmp_path / "pre.yml").write_text(yaml.safe_dump(play))
+    (tmp_path / "v.json").write_text(__import__("json").dumps({"rkllama_hf_token": token,
+                                                                "ansible_python_interpreter": sys.executable}))
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
+    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "pre.yml"), "-e", "@" + str(tmp_path / "v.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
+    if token:
+        assert token not in proc.stdout + proc.stderr, "the token was logged"

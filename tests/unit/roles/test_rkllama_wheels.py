@@ -60,3 +60,36 @@ def test_the_refusal_names_the_package_without_a_wheel(tmp_path):
     rc, out = check(tmp_path, "3.13", rkllama_pip_constraints=constraints)
     assert rc != 0
     assert "numpy==2.0.0 has no wheel for Python 3.13 on linux %s" % ARCH in out
+
+
+def pip_args(tmp_path, constraints):
+    """The extra_args install.yml's pip task renders, with its own vars, for these constraints."""
+    import yaml
+    with open(os.path.join(REPO, "roles", "rkllama", "tasks", "install.yml")) as f:
+        task = [t for t in yaml.safe_load(f) if "ansible.builtin.pip" in t][0]
+    play = [{"hosts": "localhost", "connection": "local", "gather_facts": False,
+             "vars_files": [os.path.join(REPO, "roles", "rkllama", "vars", "main.yml"),
+                            os.path.join(REPO, "roles", "rkllama", "defaults", "main.yml")],
+             "tasks": [{"ansible.builtin.copy": {"dest": str(tmp_path / "args.txt"), "mode": "0644",
+                                                 "content": task["ansible.builtin.pip"]["extra_args"]},
+                        "vars": task["vars"]}]}]
+    (tmp_path / "pip.yml").write_text(yaml.safe_dump(play))
+    (tmp_path / "pipvars.json").write_text(json.dumps({
+        "rkllama_pip_constraints": constraints, "role_path": os.path.join(REPO, "roles", "rkllama"),
+        "ansible_python_interpreter": sys.executable}))
+    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "pip.yml"), "-e", "@" + str(tmp_path / "pipvars.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return (tmp_path / "args.txt").read_text().split()
+
+
+def test_pip_installs_wheels_only(tmp_path):
+    args = pip_args(tmp_path, "")
+    assert args[0] == "--only-binary=:all:" and not any(a.startswith("--no-binary") for a in args), args
+    assert "--constraint" in args
+
+
+def test_source_only_packages_named_in_the_header_may_build(tmp_path):
+    args = pip_args(tmp_path, "# rkllm.fleet source-only: nuitka uuid\nuuid==1.30\n")
+    assert args[:2] == ["--only-binary=:all:", "--no-binary=nuitka,uuid"], args
