@@ -5,6 +5,7 @@ expression roles/rkllama/tasks/models.yml uses (read from that file); the tasks 
 are read from the task files.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def carrying():
 
 def test_every_task_that_carries_the_token_is_no_log():
     found = carrying()
-    assert len(found) == 3, [t["name"] for _, t in found]
+    assert len(found) == 3, [t["name"] for n, t in found]
     for name, task in found:
         args = task.get("rkllm.fleet.artifact") or task.get("ansible.builtin.uri")
         assert "_rkllama_hf_auth" in str(args.get("headers", "")), (name, task["name"], "sends no token")
@@ -85,8 +86,7 @@ def test_preflight_refuses_a_token_that_is_not_one_header_value(tmp_path, token,
     check = [t for t in tasks("preflight.yml") if t["name"] == "Check the Hugging Face token"][0]
     play = [{"hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": [check]}]
     (tmp_path / "pre.yml").write_text(yaml.safe_dump(play))
-    (tmp_path / "v.json").write_text(__import__("json").dumps({"rkllama_hf_token": token,
-                                                                "ansible_python_interpreter": sys.executable}))
+    (tmp_path / "v.json").write_text(json.dumps({"rkllama_hf_token": token, "ansible_python_interpreter": sys.executable}))
     env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
     proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "pre.yml"), "-e", "@" + str(tmp_path / "v.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
