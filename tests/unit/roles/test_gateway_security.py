@@ -389,7 +389,7 @@ def test_mirror_follows_redirects_only_to_allowed_origins(tmp_path):
             assert started.returncode == 0, started.stderr
             for name in ["redir-ok", "redir-relative", "redir-elsewhere", "redir-http", "redir-chain"]:
                 res = sh(f"curl -s -w ' %{{http_code}}' http://127.0.0.1:18081/github.com/{name}")
-                body, _, code = res.stdout.rpartition(" ")
+                body, _sep, code = res.stdout.rpartition(" ")
                 got[name] = (code, body)
         finally:
             sh(f"[ -f {remote}/nginx.pid ] && kill $(cat {remote}/nginx.pid); sleep 1; rm -rf {remote}")
