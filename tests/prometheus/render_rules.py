@@ -27,6 +27,7 @@ VALUES = {
     "ansible_managed": "Ansible managed (rendered for the promtool unit tests)",
     "gateway_prometheus_alert_for": "1m",
     "gateway_prometheus_min_tokens_per_second": 5,
+    "gateway_prometheus_max_model_loads": 2,
     "gateway_prometheus_boards": ["b1", "b2", "b3", "b4"],
     "hostvars": {
         "b1": {"exo_patches_enabled": True},

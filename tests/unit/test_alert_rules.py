@@ -135,3 +135,80 @@ def test_every_metric_in_the_rules_is_exported_by_the_fleet(rules):
             if not names.known_metric(name):
                 unknown.setdefault(rule["alert"], set()).add(name)
     assert not unknown, "metrics the fleet does not export: %r" % unknown
+
+
+def test_model_swap_limit_comes_from_its_variable():
+    renderer = load_renderer()
+    text = renderer.render(values=dict(renderer.VALUES, gateway_prometheus_max_model_loads=5))
+    swapping = [r for g in yaml.safe_load(text)["groups"] for r in g["rules"] if r.get("alert") == "RkllmModelSwapping"]
+    assert len(swapping) == 1
+    assert swapping[0]["expr"].rstrip().endswith("> 5")
+    assert "More than 5 model loads (gateway_prometheus_max_model_loads)" in swapping[0]["annotations"]["description"]
+
+
+def test_a_pool_without_boards_is_critical_and_swapping_a_warning(rules):
+    by_name = {r["alert"]: r for r in rules if r.get("alert") in ("RkllmModelNoReadyBoard", "RkllmModelSwapping")}
+    assert by_name["RkllmModelNoReadyBoard"]["labels"]["severity"] == "critical"
+    assert by_name["RkllmModelSwapping"]["labels"]["severity"] == "warning"
+    assert "503" in by_name["RkllmModelNoReadyBoard"]["annotations"]["summary"]
+
+
+ROLE = os.path.join(REPO, "roles", "gateway_prometheus")
+
+
+def _render_role_template(name, **values):
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["to_json"] = lambda v: __import__("json").dumps(v)
+    env.filters["bool"] = load_renderer().to_bool
+    with open(os.path.join(ROLE, "templates", name), encoding="utf-8") as handle:
+        return env.from_string(handle.read()).render(ansible_managed="test", **values)
+
+
+def _role_default(name, **context):
+    """A role default as the role sees it: its template rendered with CONTEXT (what other roles define)."""
+    import jinja2
+
+    with open(os.path.join(ROLE, "defaults", "main.yml"), encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)[name]
+    return jinja2.Environment().from_string(str(raw)).render(**context) if isinstance(raw, str) else raw
+
+
+def _gateway_models_job(**context):
+    """The file_sd loop item of the rkllm_gateway_models job (tasks/configure.yml), with the role's defaults."""
+    import jinja2
+
+    with open(os.path.join(ROLE, "tasks", "configure.yml"), encoding="utf-8") as handle:
+        tasks = yaml.safe_load(handle)
+    items = [t for t in tasks if t.get("name") == "Write the scrape targets"][0]["loop"]
+    item = [i for i in items if i["job"] == "gateway_models"][0]
+    variables = {k: _role_default(k, **context) for k in ("gateway_prometheus_gateway_models_port",
+                                                          "gateway_prometheus_scrape_gateway_models")}
+    variables.update({k: v for k, v in context.items() if k.startswith("gateway_prometheus_")})
+    return {k: jinja2.Environment().from_string(v).render(**variables) if isinstance(v, str) else v for k, v in item.items()}
+
+
+def test_gateway_model_metrics_are_scraped_on_the_gateway_nginx_internal_port():
+    # nginx serves /metrics/models on its internal port (gateway_nginx_internal_port); Prometheus runs on the gateway.
+    with open(os.path.join(ROLE, "vars", "main.yml"), encoding="utf-8") as handle:
+        path = yaml.safe_load(handle)["_gateway_prometheus_gateway_models_path"]
+    assert path == "/metrics/models"
+    config = yaml.safe_load(_render_role_template(
+        "prometheus.yml.j2", gateway_prometheus_scrape_interval="15s", gateway_prometheus_scrape_timeout="",
+        gateway_prometheus_evaluation_interval="15s", gateway_prometheus_external_labels={},
+        gateway_prometheus_alertmanagers=[], gateway_prometheus_extra_scrape_configs=[],
+        _gateway_prometheus_rules_file="/etc/prometheus/rules/rkllm_fleet.yml",
+        _gateway_prometheus_file_sd_dir="/etc/prometheus/file_sd", _gateway_prometheus_gateway_models_path=path))
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert jobs["rkllm_gateway_models"]["metrics_path"] == "/metrics/models"
+    assert jobs["rkllm_gateway_models"]["file_sd_configs"] == [{"files": ["/etc/prometheus/file_sd/rkllm_gateway_models.yml"]}]
+    assert "metrics_path" not in jobs["rkllm_exo"]
+
+    for context, port in (({"gateway_nginx_internal_port": 8181}, "8181"), ({}, "8081")):
+        item = _gateway_models_job(**context)
+        targets = yaml.safe_load(_render_role_template("file_sd.yml.j2", item=item, inventory_hostname="gw"))
+        assert targets == [{"targets": ["127.0.0.1:%s" % port], "labels": {"gateway": "gw"}}], context
+
+    item = _gateway_models_job(gateway_prometheus_scrape_gateway_models="false")
+    assert yaml.safe_load(_render_role_template("file_sd.yml.j2", item=item, inventory_hostname="gw")) == []

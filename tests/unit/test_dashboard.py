@@ -23,7 +23,7 @@ EXO_METRICS = {
 # Highest finite bucket of the fork's histograms (exo/api/prometheus_metrics.py, exo/inference/rkllm/metrics.py at
 # 0c831d3): a quantile can't read above it. Generations routinely take longer than 30 s.
 HISTOGRAM_TOP = {"rkllm_inference_duration_seconds": 30, "exo_first_token_latency_seconds": 60,
-                 "exo_request_duration_seconds": 300}
+                 "exo_request_duration_seconds": 300, "rkllm_gateway_request_duration_seconds": 300}
 EXO_HISTOGRAMS = {
     "exo_request_duration_seconds", "exo_first_token_latency_seconds",
     "rkllm_inference_duration_seconds", "rkllm_model_load_duration_seconds",
@@ -33,6 +33,10 @@ NGINX_EXPORTER_METRICS = {
     "nginx_up", "nginx_connections_active", "nginx_connections_accepted", "nginx_connections_handled",
     "nginx_connections_reading", "nginx_connections_writing", "nginx_connections_waiting", "nginx_http_requests_total",
 }
+# The gateway's per-model metrics: nginx's /metrics/models on its internal port (gateway_nginx role, job
+# rkllm_gateway_models); the request duration histogram's highest finite bucket is 300 s.
+GATEWAY_MODEL_METRICS = {"rkllm_gateway_requests_total", "rkllm_gateway_pool_boards", "rkllm_gateway_pool_boards_configured"}
+GATEWAY_MODEL_HISTOGRAMS = {"rkllm_gateway_request_duration_seconds"}
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "inf", "nan"}
 
 
@@ -49,10 +53,10 @@ def npu_metrics():
 def known_metric(name):
     if name == "up" or name.startswith("node_"):
         return True
-    if name in EXO_METRICS or name in NGINX_EXPORTER_METRICS or name in npu_metrics():
+    if name in EXO_METRICS or name in NGINX_EXPORTER_METRICS or name in GATEWAY_MODEL_METRICS or name in npu_metrics():
         return True
     base = re.sub(r"_(bucket|sum|count)$", "", name)
-    return base in EXO_HISTOGRAMS
+    return base in EXO_HISTOGRAMS or base in GATEWAY_MODEL_HISTOGRAMS
 
 
 def metric_names(expr):
@@ -150,7 +154,8 @@ def test_dashboard_covers_the_fleet(dashboard):
             used |= metric_names(target["expr"])
     for needed in ("exo_tokens_generated_total", "exo_requests_total", "exo_request_duration_seconds_bucket",
                    "exo_first_token_latency_seconds_bucket", "exo_requests_in_progress", "node_systemd_unit_state", "up",
-                   "rknpu_load_ratio", "rknpu_frequency_hertz"):
+                   "rknpu_load_ratio", "rknpu_frequency_hertz", "rkllm_gateway_requests_total", "rkllm_gateway_pool_boards",
+                   "rkllm_gateway_request_duration_seconds_bucket", "rkllm_model_load_duration_seconds_count"):
         assert needed in used, needed
     for panel in query_panels(dashboard):
         for target in panel["targets"]:
