@@ -333,6 +333,44 @@ def test_model_ids_map_to_rkllama_dirs(stack):
     assert json.loads(call(rk.url, "/current_model")[1]) == {"model_name": QWEN}
 
 
+def _loads(exo):
+    return metric(exo.metrics(), "rkllm_model_load_duration_seconds_count")
+
+
+def test_every_model_switch_is_counted_as_a_load(stack):
+    rk, exo = stack
+    assert _loads(exo) == 0
+    # The first request after exo starts counts one, even when rkllama already holds the model
+    # (ensure_shard observes after load_model, which returns at once: rkllm_engine.py:549-553).
+    assert call(rk.url, "/load_model", {"model_name": QWEN})[0] == 200
+    assert call(exo.url, "/v1/chat/completions", HI)[0] == 200
+    assert _loads(exo) == 1
+    assert call(exo.url, "/v1/chat/completions", HI)[0] == 200
+    assert _loads(exo) == 1
+    assert call(exo.url, "/v1/chat/completions", dict(HI, model=DEEPSEEK_ID), timeout=60)[0] == 200
+    assert call(exo.url, "/v1/chat/completions", HI)[0] == 200
+    assert _loads(exo) == 3
+
+
+def test_a_swap_behind_exos_back_answers_the_model_exo_remembers_with_the_loaded_one(stack, tmp_path):
+    # site.yml's model check puts the board's model back in rkllama; exo's engine still remembers the
+    # client's model (rkllm_engine.py:495-497) and skips the load for a request for it.
+    rk, exo = stack
+    assert call(exo.url, "/v1/chat/completions", dict(HI, model=DEEPSEEK_ID), timeout=60)[0] == 200
+    assert call(rk.url, "/unload_model", {})[0] == 200 and call(rk.url, "/load_model", {"model_name": QWEN})[0] == 200
+    code, text, _ = call(exo.url, "/v1/chat/completions", dict(HI, model=DEEPSEEK_ID), timeout=60)
+    assert code == 200 and json.loads(text)["model"] == DEEPSEEK_ID
+    assert json.loads(call(rk.url, "/current_model")[1]) == {"model_name": QWEN}  # answered by Qwen
+    # A fresh exo (what the rkllama role's restart after a swap gives) loads what the request names.
+    fresh = Exo(tmp_path, rk.port, default_model=QWEN_ID)
+    try:
+        assert fresh.up
+        assert call(fresh.url, "/v1/chat/completions", dict(HI, model=DEEPSEEK_ID), timeout=60)[0] == 200
+        assert json.loads(call(rk.url, "/current_model")[1]) == {"model_name": "DeepSeek-R1-1.5B"}
+    finally:
+        fresh.stop()
+
+
 def test_rkllama_restart_gives_empty_answers(stack, tmp_path):
     rk, exo = stack
     assert json.loads(call(exo.url, "/v1/chat/completions", HI)[1])["choices"][0]["message"]["content"]

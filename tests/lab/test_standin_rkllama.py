@@ -221,6 +221,34 @@ def test_load_model_500_is_flasks_html_page(server, lab):
     assert call(server.url, "/current_model")[0] == 404
 
 
+def test_a_load_takes_rkllm_lab_load_seconds_and_the_model_is_not_current_meanwhile(lab):
+    # rkllm_init puts the weights into NPU memory (src/rkllm.py:76-79): a swap costs time, as on a board.
+    srv = Server(lab, env={"RKLLM_LAB_LOAD_SECONDS": "1.5"})
+    try:
+        assert srv.up, srv.stop()
+        answer = []
+        started = time.monotonic()
+        loader = threading.Thread(target=lambda: answer.append(load(srv)[0]))
+        loader.start()
+        time.sleep(0.5)
+        assert call(srv.url, "/current_model")[0] == 404  # still loading
+        loader.join(10)
+        assert answer == [200] and time.monotonic() - started >= 1.5
+        assert json.loads(call(srv.url, "/current_model")[1]) == {"model_name": QWEN}
+        # A model that fails to initialise fails before the wait, as rkllm_init refuses it at once.
+        assert call(srv.url, "/unload_model", {})[0] == 200
+        add_model(lab / "home", "Bad", lab_model()[:-1] + b"\0")
+        started = time.monotonic()
+        assert load(srv, "Bad")[0] == 500 and time.monotonic() - started < 1.5
+    finally:
+        srv.stop()
+
+
+def test_a_load_is_instant_by_default(server):
+    started = time.monotonic()
+    assert load(server)[0] == 200 and time.monotonic() - started < 1.0
+
+
 def test_unload_model_200_then_400(server):
     assert load(server)[0] == 200
     assert call(server.url, "/unload_model", {})[:2] == (200, '{"message":"Model successfully unloaded!"}\n')

@@ -80,6 +80,10 @@ class Model:
             log(f"E rkllm: the model is for {str(header.get('platform')).upper()} but this is {(board or 'unknown').upper()}")
             log("E rkllm: rkllm_init failed")
             raise RuntimeInitError("rkllm_init failed")
+        # rkllm_init (src/rkllm.py:76-79 at 1d8d210) puts the weights into NPU memory: 10 to 30 s for a
+        # 1.5B model on a real board, during which /load_model has not answered and /current_model still
+        # says no model is loaded. RKLLM_LAB_LOAD_SECONDS is that time in the lab (default 0: instant).
+        time.sleep(max(float(os.environ.get("RKLLM_LAB_LOAD_SECONDS", "0") or 0), 0.0))
         log(f"I rkllm: rkllm-toolkit version: {header.get('toolkit_version')}, max_context_limit: {header.get('max_context')}, "
             f"npu_core_num: {3 if board == 'rk3588' else 2}, target_platform: {board.upper()}, model_dtype: {header.get('dtype')}")
         self.name = header.get("model", "model")

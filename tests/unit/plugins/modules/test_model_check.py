@@ -137,6 +137,17 @@ def test_replace_unloads_the_other_model_and_loads(fake):
     assert_streams_read_to_end(fake, 1)
 
 
+def test_after_a_swap_the_next_check_changes_nothing(fake):
+    # A client made the board load DeepSeek; the first check swaps Qwen back, the re-run only tests it.
+    fake.current = DEEPSEEK
+    assert run_check(fake, replace=True)['changed'] is True
+    again = run_check(fake, replace=True)
+    assert again['changed'] is False
+    assert again['previously_loaded'] == QWEN and again['load_seconds'] is None
+    assert fake.posts() == ['/unload_model', '/load_model', '/generate', '/generate']
+    assert_streams_read_to_end(fake, 2)
+
+
 def test_replace_puts_the_previous_model_back_when_the_new_one_fails(fake):
     fake.current = DEEPSEEK
     fake.models[QWEN] = 'init-fails'
