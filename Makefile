@@ -11,6 +11,12 @@ LAB_GATEWAY_PORT ?= 18080
 LAB_PROMETHEUS_PORT ?= 19090
 LAB_UPSTREAM_PORT ?= 18000
 export LAB_GATEWAY_PORT LAB_PROMETHEUS_PORT LAB_UPSTREAM_PORT
+# The Molecule scenarios' fleet (make molecule, make test) has containers (rkllm-mol-*), a network
+# (rkllm-mol) and host ports of its own, so a running lab is left alone (docs/testing.md).
+MOL_GATEWAY_PORT ?= 28080
+MOL_PROMETHEUS_PORT ?= 29090
+MOL_UPSTREAM_PORT ?= 28000
+export MOL_GATEWAY_PORT MOL_PROMETHEUS_PORT MOL_UPSTREAM_PORT
 # The lab inventory (a directory with hosts.yml and group_vars): six boards instead of three
 # with `make lab LAB_INVENTORY=lab/inventories/six-boards` (docs/performance.md).
 LAB_INVENTORY ?= inventories/lab
@@ -49,7 +55,7 @@ lab-up: venv ## start the lab containers without provisioning them
 lab-status: venv ## print the lab endpoints and one line per board
 	@$(PY) lab/lab.py status --inventory $(LAB_INVENTORY)/hosts.yml
 
-lab-down: ## remove every container, network, image and state file the lab made
+lab-down: ## remove every container, network, image, volume and state file the lab, Molecule, make matrix and make ee made
 	@python3 lab/lab.py down
 
 lab-pins: venv ## regenerate inventories/lab/group_vars/all/lab_pins.yml from the lab sources
@@ -94,7 +100,7 @@ wheels: venv ## every shipped pip constraints file resolves to wheels for linux 
 	@echo "==> wheels (tools/constraints.py check)"
 	@$(PY) tools/constraints.py check
 
-molecule: venv ## Molecule scenarios on the lab images ($(SCENARIOS))
+molecule: venv ## Molecule scenarios on the lab images in containers, network and ports of their own ($(SCENARIOS)); a running lab is left alone
 	@$(PY) lab/lab.py images
 	@set -e; for s in $(SCENARIOS); do echo "==> molecule test -s $$s"; $(BIN)/molecule test -s $$s; done
 

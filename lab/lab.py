@@ -7,7 +7,8 @@ Lab only; never shipped (galaxy build_ignore). Usage:
                                                inventory boards' `lab_release`, e.g. bookworm)
   lab.py up [--inventory FILE]                 start the fleet the lab inventory lists
   lab.py status                                print the endpoints and one line per board
-  lab.py down                                  remove every container, network, image and file the lab made
+  lab.py down                                  remove every container, network, image and file the lab made,
+                                               and those of the Molecule scenarios, make matrix and make ee
 
 The fleet is read from the lab inventory (inventories/lab/hosts.yml): every host of the
 groups `boards`, `gateway` and `lab_upstream` becomes a container of the same name, and a
@@ -36,6 +37,15 @@ STATE = os.path.join(LAB, ".state")
 PREFIX = "rkllm-lab-"
 NETWORK = "rkllm-lab"
 IMAGE_REPO = "rkllm-lab"
+# The Molecule scenarios run the same images as a fleet of their own (molecule/*/molecule.yml), so
+# `make test` leaves a running lab alone: containers rkllm-mol-<host>, network rkllm-mol.
+MOLECULE_PREFIX = "rkllm-mol-"
+MOLECULE_NETWORK = "rkllm-mol"
+# What `make matrix` and `make ee` (.ci/matrix.py, .ci/ee.py) build from the lab's base image:
+# images rkllm-fleet/{matrix,ee,ee-base}, the matrix's venv volume, its (--rm) containers.
+CI_PREFIX = "rkllm-fleet-"
+CI_IMAGE_REPO = "rkllm-fleet"
+CI_VOLUMES = ("rkllm-fleet-matrix",)
 LABEL = "rkllm.lab.recipe"
 DEFAULT_RELEASE = "trixie"
 DEBIAN_MIRROR = os.environ.get("LAB_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -375,23 +385,32 @@ def up(inventory, release=DEFAULT_RELEASE):
 
 
 def down():
+    """Remove what the lab, the Molecule scenarios, make matrix and make ee made (containers first)."""
     if not docker_answers():
         say("No Docker engine answers: nothing to remove")
     else:
         names = docker("ps", "-aq", "--filter", "label=rkllm.lab=1").stdout.split()
-        names += docker("ps", "-aq", "--filter", f"name=^{PREFIX}").stdout.split()
+        for prefix in (PREFIX, MOLECULE_PREFIX, CI_PREFIX):
+            names += docker("ps", "-aq", "--filter", f"name=^{prefix}").stdout.split()
         if names:
-            say(f"Removing {len(set(names))} lab containers")
+            say(f"Removing {len(set(names))} lab, Molecule and CI containers")
             docker("rm", "-f", *sorted(set(names)))
-        for net in docker("network", "ls", "-q", "--filter", f"name=^{NETWORK}$").stdout.split():
-            say(f"Removing the Docker network {NETWORK}")
-            docker("network", "rm", net, check=False)
-        imgs = [i for i in docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
-                if i.startswith(f"{IMAGE_REPO}/")]
+        for network in (NETWORK, MOLECULE_NETWORK):
+            for net in docker("network", "ls", "-q", "--filter", f"name=^{network}$").stdout.split():
+                say(f"Removing the Docker network {network}")
+                docker("network", "rm", net, check=False)
+        # The CI images first: they are built on the lab's base image, which can't go while they stay.
+        listed = docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+        imgs = ([i for i in listed if i.startswith(f"{CI_IMAGE_REPO}/")]
+                + [i for i in listed if i.startswith(f"{IMAGE_REPO}/")])
         if imgs:
-            say(f"Removing lab images: {' '.join(imgs)}")
+            say(f"Removing lab and CI images: {' '.join(imgs)}")
             docker("rmi", "-f", *imgs, check=False)
         docker("image", "prune", "-f", "--filter", f"label={LABEL}", check=False)
+        volumes = docker("volume", "ls", "-q").stdout.split()
+        for volume in (v for v in CI_VOLUMES if v in volumes):
+            say(f"Removing the Docker volume {volume}")
+            docker("volume", "rm", "-f", volume, check=False)
     if os.path.isdir(STATE):
         say(f"Removing {os.path.relpath(STATE, ROOT)}")
         shutil.rmtree(STATE)
