@@ -249,6 +249,28 @@ def test_a_load_is_instant_by_default(server):
     assert load(server)[0] == 200 and time.monotonic() - started < 1.0
 
 
+def test_a_faster_npu_for_a_while_gives_the_same_answers_sooner(lab):
+    # The lab's traffic tests write a speed factor under the sysroot; the answer and the fork's handling
+    # of it stay the same, only the simulated chip is faster while the file is there.
+    srv = Server(lab, env={"RKLLM_LAB_TOKENS_PER_SECOND": "10"}, patched=True)
+    try:
+        assert srv.up, srv.stop()
+        assert load(srv)[0] == 200
+        timed = []
+        for speed in (None, "4"):
+            if speed:
+                (lab / "sys" / "lab-npu-speed").write_text(speed)
+            started = time.monotonic()
+            code, text, _ = call(srv.url, "/generate", {"messages": [{"role": "user", "content": "hi"}]})
+            timed.append((time.monotonic() - started, json.loads(text)["choices"][0]["content"]))
+            assert code == 200
+        (lab / "sys" / "lab-npu-speed").unlink()
+        assert timed[0][1] == timed[1][1] == ANSWER
+        assert timed[0][0] >= 2.4 and timed[1][0] < 1.2, timed
+    finally:
+        srv.stop()
+
+
 def test_unload_model_200_then_400(server):
     assert load(server)[0] == 200
     assert call(server.url, "/unload_model", {})[:2] == (200, '{"message":"Model successfully unloaded!"}\n')

@@ -38,6 +38,23 @@ def _vtuple(text):
     return tuple(int(p) for p in re.findall(r"[0-9]+", text)[:3])
 
 
+# Lab only: a test may run the simulated NPU faster for a while (a board with a faster chip), by
+# writing a factor to this file under the board's sysroot; every generation started meanwhile
+# runs its prefill and tokens that many times faster. Nothing else changes: answers as long,
+# requests serialised and read as the fork does, model loads as slow (RKLLM_LAB_LOAD_SECONDS).
+NPU_SPEED_FILE = "lab-npu-speed"
+
+
+def npu_speed():
+    """The factor in <sysroot>/lab-npu-speed, 1 when the file is absent or not a positive number."""
+    try:
+        with open(os.path.join(hardware.SYSROOT, NPU_SPEED_FILE), encoding="ascii") as f:
+            value = float(f.read().strip())
+    except (OSError, ValueError):
+        return 1.0
+    return value if value > 0 else 1.0
+
+
 class RuntimeInitError(RuntimeError):
     """What rkllm_init's failure looks like from Python."""
 
@@ -116,8 +133,10 @@ class Model:
         """
         del prompt_tokens
         self._abort.clear()
-        delay = 1.0 / self.rate if self.rate > 0 else 0.0
-        time.sleep(max(self.prefill_seconds - delay, 0.0))
+        speed = npu_speed()
+        rate = self.rate * speed
+        delay = 1.0 / rate if rate > 0 else 0.0
+        time.sleep(max(self.prefill_seconds / speed - delay, 0.0))
         for text in self.tokens():
             time.sleep(delay)
             if self._abort.is_set():
