@@ -63,8 +63,8 @@ def fleet(tmp_path_factory):
 def run(fleet, pools, *args):
     env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default")
-    proc = subprocess.run([PLAYBOOK_BIN, "-i", str(fleet / "hosts.yml"), str(fleet / "play.yml"),
-                           "-e", json.dumps({"rkllm_model_pools": pools})] + list(args),
+    extra = [] if pools is None else ["-e", json.dumps({"rkllm_model_pools": pools})]
+    proc = subprocess.run([PLAYBOOK_BIN, "-i", str(fleet / "hosts.yml"), str(fleet / "play.yml")] + extra + list(args),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     out = proc.stdout + proc.stderr
     spread = None
@@ -74,8 +74,9 @@ def run(fleet, pools, *args):
     return proc.returncode, spread, " ".join(out.split())
 
 
-def test_no_pools_keeps_the_inventorys_assignment(fleet):
-    code, spread, out = run(fleet, {})
+@pytest.mark.parametrize("pools", [None, {}], ids=["unset", "empty"])
+def test_no_pools_keeps_the_inventorys_assignment(fleet, pools):
+    code, spread, out = run(fleet, pools)
     assert code == 0, out
     assert spread == {"b-opi5": QWEN, "b-rock5b": QWEN, "b-rock4d": QWEN}
 
