@@ -146,7 +146,7 @@ def test_verify_tasks_reach_the_scenarios_ports_and_cache_facts_apart(name):
     assert [host_ports(p) for p in gateway + upstream] == [["38080", "39090"], ["38000"]], "MOL_*_PORT do not set the ports"
     assert (env["LAB_GATEWAY_PORT"], env["LAB_PROMETHEUS_PORT"], env["LAB_UPSTREAM_PORT"]) == ("38080", "39090", "38000")
     # The acceptance suite reads the checkout's ansible.cfg, whose fact cache (.cache/facts) holds the
-    # lab's facts under the same host names: `make lab` would read the scenario's addresses.
+    # lab's facts under the same host names: facts a scenario run cached there, `make lab` would read.
     assert env["ANSIBLE_CACHE_PLUGIN_CONNECTION"].startswith(f"/tmp/molecule-ephemeral/{name}")
 
 
