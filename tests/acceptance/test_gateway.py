@@ -19,25 +19,35 @@ def _key(fleet, gateway, request):
     return key
 
 
-def test_every_ready_board_is_in_the_pool_and_no_drained_one(fleet, gateway, state_of):
-    """Each board provisioned and ready is a server of `upstream rkllm_boards`; a drained one is `down`."""
+def test_every_ready_board_is_in_its_models_pool_and_no_drained_one(fleet, gateway, state_of):
+    """Each board provisioned and ready is a server of its model's pool (`upstream rkllm_pool_<model>`,
+    the model being its rkllama_default_model), in no other pool; a drained one is `down`."""
     host = fleet.host(gateway)
     config = host.run("nginx -T 2>/dev/null").stdout
-    block = re.search(r"upstream\s+rkllm_boards\s*{(.*?)}", config, re.S)
-    assert block, f"{gateway}: nginx has no `upstream rkllm_boards` (is gateway_nginx applied?)"
-    pool = {name: ("down" in opts.split())
-            for opts, name in re.findall(r"^\s*server\s+\S+\s*([^;]*);\s*#\s*board\s+(\S+)", block.group(1), re.M)}
+    blocks = re.findall(r"upstream\s+(rkllm_pool_\w+)\s*{(.*?)}", config, re.S)
+    assert blocks, f"{gateway}: nginx has no `upstream rkllm_pool_*` (is gateway_nginx applied?)"
+    pool, where = {}, {}
+    for upstream, body in blocks:
+        for opts, name in re.findall(r"^\s*server\s+\S+\s*([^;]*);\s*#\s*board\s+(\S+)", body, re.M):
+            pool[name] = "down" in opts.split()
+            where.setdefault(name, []).append(upstream)
     problems = []
     for board in fleet.all_boards:
         ready = http(host, f"http://{fleet.var(board, 'ansible_host') or board}:52415/healthcheck", timeout=5)[0] == 200
         provisioned = fleet.host(board).file("/etc/rkllm/fleet-state.json").exists
         if ready and provisioned and board not in pool:
-            problems.append(f"{board} is ready (exo answers /healthcheck) but not in the pool")
+            problems.append(f"{board} is ready (exo answers /healthcheck) but in no pool")
         if board in pool and not pool[board] and not ready:
-            problems.append(f"{board} is in service in the pool but its exo does not answer /healthcheck")
+            problems.append(f"{board} is in service in a pool but its exo does not answer /healthcheck")
+        # (With rkllm_model_pools the spread decides at run time: the inventory's value is not the board's.)
+        model = None if fleet.var(board, "rkllm_model_pools") else fleet.var(board, "rkllama_default_model")
+        if board in where and model:
+            expected = "rkllm_pool_" + re.sub(r"[^a-z0-9]+", "_", str(model).lower())
+            if where[board] != [expected]:
+                problems.append(f"{board} serves {model} but is in {where[board]}, not [{expected}]")
     unknown = sorted(set(pool) - set(fleet.all_boards))
     if unknown:
-        problems.append(f"the pool has servers that are not boards of the inventory: {unknown}")
+        problems.append(f"the pools have servers that are not boards of the inventory: {unknown}")
     assert not problems, f"{gateway}: " + "; ".join(problems)
 
 
