@@ -11,7 +11,6 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 from ansible.errors import AnsibleFilterError
-from ansible.module_utils.six import string_types
 
 
 def _can_run(board):
@@ -36,7 +35,7 @@ def _check_pools(pools, catalog_names):
                                  '{"Qwen2.5-1.5B-Instruct": 2, "DeepSeek-R1-1.5B": 1}; got %r.' % (pools,))
     counts = {}
     for name, count in pools.items():
-        if not isinstance(name, string_types) or name not in catalog_names:
+        if not isinstance(name, str) or name not in catalog_names:
             raise AnsibleFilterError('rkllm_model_pools names %r, which is not in the model catalog (rkllama_models: %s): '
                                      'use a catalog name.' % (name, ', '.join(sorted(catalog_names)) or 'empty'))
         if isinstance(count, bool) or not isinstance(count, int):
