@@ -176,6 +176,14 @@ function label(s) {
 function decide(f, method, path, text) {
     var d;
     var fallback = poolBySlug(f, f.default_pool);
+    if (f.routing === false) {
+        // gateway_nginx_model_routing false: every board one pool, every request as sent (as before routing).
+        if (fallback === null || fallback.ready === 0) {
+            return error(503, 'No board is in service: every board is drained or none passed provisioning.',
+                         'server_error', null, 'no_board_available', {sent: 'none', requested: 'none', retry_after: f.retry_after});
+        }
+        return {status: 0, pool: fallback, rewrite: null, sent: 'none', requested: 'none'};
+    }
     if (path === '/v1/models' || path === '/v1/models/') {
         return {status: 200, answer: modelList(f, {}), sent: 'none', requested: 'none', list: true};
     }

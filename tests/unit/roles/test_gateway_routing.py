@@ -389,3 +389,15 @@ def test_inventory_strings_stay_data(tmp_path, fleet):
     assert fleet_data(rendered)["rules"][0]["system_marker"] == evil
     got = run_router(rendered, [chat("auto", messages=[{"role": "system", "content": "x " + evil}])])
     assert got[0]["pool"]["id"] == DEEPSEEK
+
+
+@needs_njs
+def test_routing_off_is_one_pool_as_before(tmp_path):
+    """gateway_nginx_model_routing: false (benchmark.yml's second arm): every board one pool, requests as sent."""
+    res, files = run_role(tmp_path, {"gateway_nginx_model_routing": False})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert upstreams(files["nginx.conf"]) == {"rkllm_pool_all": [("10.0.0.1:52415", "", "b1"), ("10.0.0.2:52415", "", "b2"),
+                                                                 ("10.0.0.3:52415", "", "b3")]}
+    got = run_router(files["rkllm_fleet.js"], [chat("DeepSeek-R1-1.5B"), chat("nope"),
+                                               {"fn": "decide", "method": "GET", "path": "/v1/models", "body": ""}])
+    assert [(d["pool"]["upstream"], d["rewrite"]) for d in got] == [("rkllm_pool_all", None)] * 3
