@@ -212,8 +212,13 @@ def test_mirror_refetch_is_not_the_clients_to_ask(mirror):
 # --- the API ------------------------------------------------------------------------------------------
 
 def test_boards_get_the_normalised_path(gateway):
-    v1 = gateway["nginx.conf"].split("location /v1/ {")[1].split("\n        }\n")[0]
-    assert "proxy_pass http://rkllm_boards$uri$is_args$args;" in v1
+    conf = gateway["nginx.conf"]
+    v1 = conf.split("location /v1/ {")[1].split("\n        }\n")[0]
+    # The router picks the pool; both named locations it hands the request to pass $uri, not $request_uri.
+    for name in ("@rkllm_pool", "@rkllm_pool_rewritten"):
+        block = conf.split("location %s {" % name)[1].split("\n        }\n")[0]
+        assert "proxy_pass http://$rkllm_upstream$uri$is_args$args;" in block, name
+    assert "$request_uri" not in v1
     assert re.search(r'if \(\$uri !~ "\^/v1/\[A-Za-z0-9\._~:@/-\]\*\$"\) \{\s+return 400', v1)
 
 
