@@ -83,6 +83,15 @@ options:
     type: list
     elements: str
     default: []
+  url_values:
+    description:
+      - With O(state=present), each item is a dict with C(url), C(key) and C(value): the URL must answer 2xx with a
+        JSON object whose C(key) equals C(value) (as a string), such as the model rkllama holds
+        (C(/current_model)'s C(model_name)). A client can make a board load another model without changing a file;
+        this sees it.
+    type: list
+    elements: dict
+    default: []
   absent:
     description: Paths that must not exist for the host to count as converged, such as a pending-restart marker.
     type: list
@@ -351,6 +360,18 @@ def url_answers(url, timeout):
         return False
 
 
+def url_value(url, key, timeout):
+    """The string value of `key` in the JSON object `url` answers with, or None."""
+    try:
+        response = open_url(url, timeout=timeout, follow_redirects='none', validate_certs=False)
+        data = json.loads(response.read().decode('utf-8'))
+    except Exception:  # pylint: disable=broad-except  # no answer, an error status or no JSON: no value
+        return None
+    if not isinstance(data, dict) or data.get(key) is None:
+        return None
+    return str(data[key])
+
+
 def mapped_paths(pid, library):
     """The files named `library` that process `pid` has mapped, each with ' (deleted)' if so."""
     found = set()
@@ -426,6 +447,11 @@ def check(module, params):
         for url in data.get('urls', []):
             if not url_answers(url, params['url_timeout']):
                 reasons.append('%s does not answer' % url)
+    if not reasons:
+        for item in data.get('url_values', []):
+            now = url_value(item['url'], item['key'], params['url_timeout'])
+            if now != item['value']:
+                reasons.append('%s reports %s %s, not %s' % (item['url'], item['key'], now or 'nothing', item['value']))
     files = len(data.get('files', {}))
     units = len(data.get('units', {}))
     if len(reasons) > MAX_REASONS:
@@ -443,6 +469,12 @@ def record(module, params):
             if not item.get(key):
                 raise ValueError('every mapped_libraries item needs unit, library and path, got %r' % (item,))
         mapped.append({'unit': item['unit'], 'library': item['library'], 'path': os.path.realpath(item['path'])})
+    values = []
+    for item in params['url_values']:
+        for key in ('url', 'key', 'value'):
+            if item.get(key) in (None, ''):
+                raise ValueError('every url_values item needs url, key and value, got %r' % (item,))
+        values.append({'url': str(item['url']), 'key': str(item['key']), 'value': str(item['value'])})
     return {
         'version': STAMP_VERSION,
         'inputs': params['inputs'],
@@ -457,6 +489,7 @@ def record(module, params):
         'urls': list(params['urls']),
         'absent': sorted(set(params['absent'])),
         'mapped_libraries': mapped,
+        'url_values': values,
     }
 
 
@@ -522,6 +555,7 @@ def main():
             urls=dict(type='list', elements='str', default=[]),
             absent=dict(type='list', elements='path', default=[]),
             mapped_libraries=dict(type='list', elements='dict', default=[]),
+            url_values=dict(type='list', elements='dict', default=[]),
             hash_limit=dict(type='int', default=8388608),
             url_timeout=dict(type='int', default=5),
         ),

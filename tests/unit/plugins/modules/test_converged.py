@@ -40,7 +40,7 @@ class FakeModule:
 
 def params(tmp, **kw):
     p = dict(path=os.path.join(tmp, 'state', 'converged.json'), state='check', inputs=INPUTS, paths=[], units=[],
-             users=[], groups=[], packages=[], urls=[], absent=[], mapped_libraries=[], hash_limit=1024,
+             users=[], groups=[], packages=[], urls=[], absent=[], mapped_libraries=[], url_values=[], hash_limit=1024,
              url_timeout=2)
     p.update(kw)
     return p
@@ -225,6 +225,40 @@ def test_url_that_does_not_answer_makes_a_full_run(tmp_path, board):
     tmp = str(tmp_path)
     record(tmp, board, urls=['http://127.0.0.1:9/'])
     assert check(tmp)['reasons'] == ['http://127.0.0.1:9/ does not answer']
+
+
+def test_board_holding_another_model_makes_a_full_run(tmp_path, board):
+    """A client made rkllama load another model (no file changed): the full run's model check puts it back."""
+    import http.server
+    import threading
+
+    held = {'model': 'Qwen2.5-1.5B-Instruct'}
+
+    class Rkllama(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = json.dumps({'model_name': held['model']}).encode()
+            self.send_response(200)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(('127.0.0.1', 0), Rkllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = 'http://127.0.0.1:%d/current_model' % server.server_address[1]
+    try:
+        tmp = str(tmp_path)
+        record(tmp, board, url_values=[{'url': url, 'key': 'model_name', 'value': 'Qwen2.5-1.5B-Instruct'}])
+        assert check(tmp)['converged'] is True
+        held['model'] = 'DeepSeek-R1-1.5B'
+        assert check(tmp)['reasons'] == ['%s reports model_name DeepSeek-R1-1.5B, not Qwen2.5-1.5B-Instruct' % url]
+    finally:
+        server.shutdown()
+    # rkllama not answering at all (restarted, nothing loaded yet): a full run too.
+    assert check(tmp)['reasons'] == ['%s reports model_name nothing, not Qwen2.5-1.5B-Instruct' % url]
 
 
 @pytest.mark.parametrize('damage', ['missing', 'world_readable', 'link', 'garbage'])
