@@ -85,9 +85,9 @@ options:
     default: []
   url_values:
     description:
-      - With O(state=present), each item is a dict with C(url), C(key) and C(value): the URL must answer 2xx with a
-        JSON object whose C(key) equals C(value) (as a string), such as the model rkllama holds
-        (C(/current_model)'s C(model_name)). A client can make a board load another model without changing a file;
+      - With O(state=present), each item is a dict with C(url), C(key) and C(value). The URL must answer 2xx with a
+        JSON object whose C(key) equals C(value) (as a string), such as the model rkllama holds (C(model_name) in
+        the answer of C(/current_model)). A client can make a board load another model without changing a file;
         this sees it.
     type: list
     elements: dict
