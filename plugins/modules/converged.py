@@ -221,8 +221,10 @@ def normalise_paths(paths):
 
 
 def sha256_file(path):
+    """The file's sha256; a link (or FIFO) put in its place since it was looked at is not followed (or waited on)."""
     digest = hashlib.sha256()
-    with open(path, 'rb') as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0))
+    with os.fdopen(fd, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
