@@ -119,7 +119,7 @@ def model_spread(boards, pools):
         raise AnsibleFilterError(
             'rkllm_model_pools can not be spread over the boards: %s left without a board. Boards and the models each '
             'can run: %s.' % (', '.join('%d for %s' % (n, m) for m, n in sorted(missing.items())),
-                               '; '.join('%s: %s' % (b, ', '.join(can_run[b]) or 'none') for b in order)))
+                              '; '.join('%s: %s' % (b, ', '.join(can_run[b]) or 'none') for b in order)))
     return dict((board, slots[index]) for board, index in slot_of.items())
 
 

@@ -55,7 +55,7 @@ def role_vars():
 
 
 def expand(text, values):
-    for _ in range(10):
+    for _round in range(10):
         new = SIMPLE.sub(lambda m: str(values[m.group(1)]) if isinstance(values.get(m.group(1)), str)
                          else m.group(0), text)
         if new == text:
@@ -113,7 +113,7 @@ def test_every_path_a_board_role_writes_is_recorded():
     roots = managed_roots(values)
     uncovered = []
     found = list(writes())
-    assert len(found) > 40 and {role for role, _, _ in found} == set(ROLES)
+    assert len(found) > 40 and {entry[0] for entry in found} == set(ROLES)
     for role, name, dests in found:
         for dest in dests:
             prefix = concrete_prefix(expand(dest, values))

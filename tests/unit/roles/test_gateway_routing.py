@@ -181,7 +181,7 @@ def test_router_data(fleet):
     ({"gateway_nginx_auto_fallback": "Phi-3-mini"}, "gateway_nginx_auto_fallback"),
 ])
 def test_preflight_refuses_by_name(tmp_path, extra, refused):
-    res, _ = run_role(tmp_path, extra, render=False)
+    res, _rendered = run_role(tmp_path, extra, render=False)
     assert res.returncode != 0
     assert refused in res.stdout, res.stdout[-3000:]
 
@@ -189,7 +189,7 @@ def test_preflight_refuses_by_name(tmp_path, extra, refused):
 def test_preflight_refuses_a_board_model_exo_cannot_serve(tmp_path):
     inventory = json.loads(json.dumps(INVENTORY))
     inventory["all"]["children"]["boards"]["hosts"]["b3"]["rkllama_default_model"] = "My\"Model"
-    res, _ = run_role(tmp_path, {}, render=False, inventory=inventory)
+    res, _rendered = run_role(tmp_path, {}, render=False, inventory=inventory)
     assert res.returncode != 0
     assert 'b3: My"Model' in res.stdout and "no exo model id" in res.stdout, res.stdout[-3000:]
 
