@@ -66,7 +66,9 @@ def run_stage(tmp_path, url, sha256, tasks_from="stage.yml"):
     play = textwrap.dedent("""\
         - hosts: localhost
           connection: local
-          gather_facts: false
+          # The role reads ansible_facts.architecture (no fact cache here: the installed copy has no ansible.cfg).
+          gather_facts: true
+          gather_subset: [min]
           tasks:
             - ansible.builtin.include_role:
                 name: rkllm.fleet.runtime
