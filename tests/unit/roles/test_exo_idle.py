@@ -9,19 +9,10 @@ exo_requests_in_progress).
 """
 
 import http.server
-import json
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
-
-import pytest
-
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 METRICS = textwrap.dedent("""\
     # HELP exo_requests_in_progress Number of requests currently being processed
@@ -65,7 +56,7 @@ class FakeExo:
         self.server.shutdown()
 
 
-def run_idle(tmp_path, port, timeout=30):
+def run_idle(run_play, tmp_path, port, timeout=30):
     play = textwrap.dedent("""\
         - hosts: localhost
           connection: local
@@ -75,20 +66,13 @@ def run_idle(tmp_path, port, timeout=30):
                 name: rkllm.fleet.exo
                 tasks_from: idle.yml
         """)
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(play)
-    extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps({"exo_api_port": port, "exo_idle_timeout": timeout, "exo_idle_poll_interval": 1,
-                                 "ansible_python_interpreter": sys.executable}))
-    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    return subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(playbook), "-e", "@" + str(extra)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return run_play(tmp_path, play, {"exo_api_port": port, "exo_idle_timeout": timeout, "exo_idle_poll_interval": 1})
 
 
-def test_waits_until_the_last_request_ends(tmp_path):
+def test_waits_until_the_last_request_ends(tmp_path, run_play):
     exo = FakeExo(busy=2, busy_for=3.5)
     try:
-        result = run_idle(tmp_path, exo.port)
+        result = run_idle(run_play, tmp_path, exo.port)
     finally:
         exo.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
@@ -98,20 +82,20 @@ def test_waits_until_the_last_request_ends(tmp_path):
     assert "RETRYING" in result.stdout
 
 
-def test_an_idle_board_is_not_kept_waiting(tmp_path):
+def test_an_idle_board_is_not_kept_waiting(tmp_path, run_play):
     exo = FakeExo(busy=0, busy_for=0)
     try:
-        result = run_idle(tmp_path, exo.port)
+        result = run_idle(run_play, tmp_path, exo.port)
     finally:
         exo.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert len(exo.looks) == 1
 
 
-def test_a_board_still_busy_at_the_timeout_fails_naming_the_count(tmp_path):
+def test_a_board_still_busy_at_the_timeout_fails_naming_the_count(tmp_path, run_play):
     exo = FakeExo(busy=3, busy_for=3600)
     try:
-        result = run_idle(tmp_path, exo.port, timeout=2)
+        result = run_idle(run_play, tmp_path, exo.port, timeout=2)
     finally:
         exo.close()
     assert result.returncode != 0
@@ -119,11 +103,11 @@ def test_a_board_still_busy_at_the_timeout_fails_naming_the_count(tmp_path):
     assert "exo_idle_timeout" in result.stdout
 
 
-def test_an_exo_that_does_not_answer_counts_as_idle(tmp_path):
+def test_an_exo_that_does_not_answer_counts_as_idle(tmp_path, run_play):
     """A stopped exo serves nothing: the switch goes on instead of waiting out the timeout."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = run_idle(tmp_path, port, timeout=60)
+    result = run_idle(run_play, tmp_path, port, timeout=60)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "RETRYING" not in result.stdout

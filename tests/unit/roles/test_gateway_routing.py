@@ -11,8 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
 import uuid
 
 import pytest
@@ -20,7 +18,6 @@ import pytest
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ROLE = os.path.join(REPO, "roles", "gateway_nginx")
 ROUTER = os.path.join(ROLE, "files", "rkllm_router.js")
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 LAB_GATEWAY = "rkllm-lab-gateway"
 KEY = "k" * 24
 
@@ -37,23 +34,18 @@ INVENTORY = {
 }
 
 
-def _env():
-    env = dict(os.environ)
-    env.update({"ANSIBLE_CONFIG": os.path.join(REPO, "ansible.cfg"), "ANSIBLE_ROLES_PATH": os.path.join(REPO, "roles"),
-                "ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-                "ANSIBLE_FACT_CACHING": "memory"})
-    return env
+# Added to run_play's environment (conftest.py).
+ENV = {"ANSIBLE_ROLES_PATH": os.path.join(REPO, "roles"), "ANSIBLE_FACT_CACHING": "memory"}
 
 
-def run_role(tmp_path, extra_vars, render=True, inventory=None):
+def run_role(run_play, tmp_path, extra_vars, render=True, inventory=None):
     """Run the role's preflight and pool tasks on the gateway `gw`, then render its templates into tmp_path/out."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     inv = tmp_path / f"hosts-{uuid.uuid4().hex[:8]}.json"
     inv.write_text(json.dumps(inventory or INVENTORY))
     templates = ["nginx.conf", "rkllm_fleet.js", "internal-status.conf"] if render else []
-    book = tmp_path / f"play-{uuid.uuid4().hex[:8]}.yml"
-    book.write_text(textwrap.dedent(f"""
+    play = f"""
     - hosts: gw
       gather_facts: true
       gather_subset: [min]
@@ -68,12 +60,9 @@ def run_role(tmp_path, extra_vars, render=True, inventory=None):
             dest: {out}/{{{{ item }}}}
             mode: "0644"
           loop: {json.dumps(templates)}
-    """))
-    evars = tmp_path / f"vars-{uuid.uuid4().hex[:8]}.json"
-    evars.write_text(json.dumps(dict({"ansible_python_interpreter": sys.executable, "gateway_nginx_api_keys": [KEY],
-                                      "_gateway_nginx_njs_version": "0.8.9"}, **extra_vars)))
-    res = subprocess.run([PLAYBOOK_BIN, "-i", str(inv), str(book), "-e", f"@{evars}"], cwd=str(tmp_path), env=_env(),
-                         capture_output=True, text=True, timeout=300, check=False)
+    """
+    res = run_play(tmp_path, play, dict({"gateway_nginx_api_keys": [KEY], "_gateway_nginx_njs_version": "0.8.9"}, **extra_vars),
+                   inventory=inv, cwd=tmp_path, env=ENV)
     return res, {t: (out / t).read_text() for t in templates if (out / t).exists()}
 
 
@@ -85,17 +74,17 @@ def fleet_data(js_text):
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(tmp_path_factory, run_play):
     tmp = tmp_path_factory.mktemp("fleet")
-    res, files = run_role(tmp, {})
+    res, files = run_role(run_play, tmp, {})
     assert res.returncode == 0, res.stdout + res.stderr
     return files
 
 
 @pytest.fixture(scope="module")
-def drained(tmp_path_factory):
+def drained(tmp_path_factory, run_play):
     tmp = tmp_path_factory.mktemp("drained")
-    res, files = run_role(tmp, {"gateway_nginx_drained": ["b3"]})
+    res, files = run_role(run_play, tmp, {"gateway_nginx_drained": ["b3"]})
     assert res.returncode == 0, res.stdout + res.stderr
     return files
 
@@ -143,7 +132,7 @@ def test_v1_keeps_keys_limits_and_streaming(fleet):
     assert "return 503" in bad and "Retry-After 30" in bad and "$rkllm_model" in bad
 
 
-def test_access_log_and_metrics(fleet, tmp_path):
+def test_access_log_and_metrics(fleet, tmp_path, run_play):
     conf = fleet["nginx.conf"]
     fmt = conf.split("log_format rkllm_gateway")[1].split(";\n")[0]
     assert '"model_requested":"$rkllm_model_requested","model":"$rkllm_model","pool":"$rkllm_pool"' in fmt
@@ -152,7 +141,7 @@ def test_access_log_and_metrics(fleet, tmp_path):
     internal = fleet["internal-status.conf"].split("location = /metrics/models {")[1].split("}")[0]
     assert re.findall(r"(allow|deny) ([^;]+);", internal) == [("allow", "127.0.0.1"), ("allow", "::1"), ("deny", "all")]
     # njs 0.7.9 (Debian 12) has no shared dictionaries: no counters, and nothing nginx 1.22 would refuse.
-    res, files = run_role(tmp_path, {"_gateway_nginx_njs_version": "0.7.9"})
+    res, files = run_role(run_play, tmp_path, {"_gateway_nginx_njs_version": "0.7.9"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "js_shared_dict_zone" not in files["nginx.conf"] and "rkllm_models_tap" not in files["nginx.conf"]
     assert fleet_data(files["rkllm_fleet.js"])["metrics"] is False
@@ -180,16 +169,16 @@ def test_router_data(fleet):
     ({"gateway_nginx_default_model": "Qwen2.5-3B"}, "gateway_nginx_default_model"),
     ({"gateway_nginx_auto_fallback": "Phi-3-mini"}, "gateway_nginx_auto_fallback"),
 ])
-def test_preflight_refuses_by_name(tmp_path, extra, refused):
-    res, _rendered = run_role(tmp_path, extra, render=False)
+def test_preflight_refuses_by_name(tmp_path, extra, refused, run_play):
+    res, _rendered = run_role(run_play, tmp_path, extra, render=False)
     assert res.returncode != 0
     assert refused in res.stdout, res.stdout[-3000:]
 
 
-def test_preflight_refuses_a_board_model_exo_cannot_serve(tmp_path):
+def test_preflight_refuses_a_board_model_exo_cannot_serve(tmp_path, run_play):
     inventory = json.loads(json.dumps(INVENTORY))
     inventory["all"]["children"]["boards"]["hosts"]["b3"]["rkllama_default_model"] = "My\"Model"
-    res, _rendered = run_role(tmp_path, {}, render=False, inventory=inventory)
+    res, _rendered = run_role(run_play, tmp_path, {}, render=False, inventory=inventory)
     assert res.returncode != 0
     assert 'b3: My"Model' in res.stdout and "no exo model id" in res.stdout, res.stdout[-3000:]
 
@@ -362,15 +351,14 @@ def test_metrics_text(fleet):
 
 
 @needs_njs
-def test_inventory_strings_stay_data(tmp_path, fleet):
+def test_inventory_strings_stay_data(tmp_path, fleet, run_play):
     """A marker that preflight would refuse, rendered anyway, is still a string in the router's data, never code."""
     data = fleet_data(fleet["rkllm_fleet.js"])
     evil = "\"}; throw new Error('injected'); //</script>\u2028${x}"
     data["rules"] = [{"pool": "deepseek_r1_1_5b", "system_marker": evil}]
     out = tmp_path / "out"
     out.mkdir()
-    book = tmp_path / "render.yml"
-    book.write_text(textwrap.dedent(f"""
+    play = f"""
     - hosts: localhost
       gather_facts: false
       tasks:
@@ -379,11 +367,8 @@ def test_inventory_strings_stay_data(tmp_path, fleet):
             src: {ROLE}/templates/rkllm_fleet.js.j2
             dest: {out}/rkllm_fleet.js
             mode: "0644"
-    """))
-    evars = tmp_path / "vars.json"
-    evars.write_text(json.dumps({"_gateway_nginx_fleet": data, "ansible_python_interpreter": sys.executable}))
-    res = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", "-c", "local", str(book), "-e", f"@{evars}"], cwd=str(tmp_path),
-                         env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    """
+    res = run_play(tmp_path, play, {"_gateway_nginx_fleet": data}, args=["-c", "local"], cwd=tmp_path, env=ENV)
     assert res.returncode == 0, res.stdout + res.stderr
     rendered = (out / "rkllm_fleet.js").read_text()
     assert fleet_data(rendered)["rules"][0]["system_marker"] == evil
@@ -392,9 +377,9 @@ def test_inventory_strings_stay_data(tmp_path, fleet):
 
 
 @needs_njs
-def test_routing_off_is_one_pool_as_before(tmp_path):
+def test_routing_off_is_one_pool_as_before(tmp_path, run_play):
     """gateway_nginx_model_routing: false (benchmark.yml's second arm): every board one pool, requests as sent."""
-    res, files = run_role(tmp_path, {"gateway_nginx_model_routing": False})
+    res, files = run_role(run_play, tmp_path, {"gateway_nginx_model_routing": False})
     assert res.returncode == 0, res.stdout + res.stderr
     assert upstreams(files["nginx.conf"]) == {"rkllm_pool_all": [("10.0.0.1:52415", "", "b1"), ("10.0.0.2:52415", "", "b2"),
                                                                  ("10.0.0.3:52415", "", "b3")]}

@@ -11,8 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
 import uuid
 
 import pytest
@@ -20,7 +18,6 @@ import pytest
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 NGINX_ROLE = os.path.join(REPO, "roles", "gateway_nginx")
 PROM_ROLE = os.path.join(REPO, "roles", "gateway_prometheus")
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 LAB_GATEWAY = "rkllm-lab-gateway"
 LAB_LOCK = "/tmp/rkllm-lab.lock"
 
@@ -33,24 +30,11 @@ MIRROR_VARS = {
 }
 
 
-def _env():
-    env = dict(os.environ)
-    env.update({"ANSIBLE_CONFIG": os.path.join(REPO, "ansible.cfg"), "ANSIBLE_ROLES_PATH": os.path.join(REPO, "roles"),
-                "ANSIBLE_NOCOLOR": "1", "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-                "ANSIBLE_FACT_CACHING": "memory"})
-    return env
+# Added to run_play's environment (conftest.py).
+ENV = {"ANSIBLE_ROLES_PATH": os.path.join(REPO, "roles"), "ANSIBLE_FACT_CACHING": "memory"}
 
 
-def run_playbook(tmp_path, play, extra_vars, check=False):
-    book = tmp_path / f"play-{uuid.uuid4().hex[:8]}.yml"
-    book.write_text(textwrap.dedent(play))
-    evars = tmp_path / f"vars-{uuid.uuid4().hex[:8]}.json"
-    evars.write_text(json.dumps(dict({"ansible_python_interpreter": sys.executable}, **extra_vars)))
-    cmd = [PLAYBOOK_BIN, "-i", "localhost,", "-c", "local", str(book), "-e", f"@{evars}"] + (["--check"] if check else [])
-    return subprocess.run(cmd, cwd=str(tmp_path), env=_env(), capture_output=True, text=True, timeout=300, check=False)
-
-
-def render(tmp_path, role, templates, extra_vars):
+def render(run_play, tmp_path, role, templates, extra_vars):
     """Render each of a role's templates with its defaults and vars plus extra_vars; return {name: text}."""
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
@@ -68,12 +52,12 @@ def render(tmp_path, role, templates, extra_vars):
             mode: "0644"
           loop: {json.dumps(templates)}
     """
-    res = run_playbook(tmp_path, play, extra_vars)
+    res = run_play(tmp_path, play, extra_vars, args=["-c", "local"], cwd=tmp_path, env=ENV)
     assert res.returncode == 0, res.stdout + res.stderr
     return {t: (out / t).read_text() for t in templates}
 
 
-def preflight(tmp_path, role, tasks_from, extra_vars, check=False):
+def preflight(run_play, tmp_path, role, tasks_from, extra_vars, check=False):
     play = f"""
     - hosts: localhost
       gather_facts: true
@@ -84,7 +68,7 @@ def preflight(tmp_path, role, tasks_from, extra_vars, check=False):
             name: {role}
             tasks_from: {tasks_from}
     """
-    return run_playbook(tmp_path, play, extra_vars, check=check)
+    return run_play(tmp_path, play, extra_vars, args=["-c", "local"], check=check, cwd=tmp_path, env=ENV)
 
 
 def pcre(regex):
@@ -108,23 +92,23 @@ def server_block(text, marker):
 
 
 @pytest.fixture(scope="module")
-def mirror(tmp_path_factory):
+def mirror(tmp_path_factory, run_play):
     tmp = tmp_path_factory.mktemp("mirror")
-    return render(tmp, NGINX_ROLE, ["rkllm-mirror.conf"], dict(MIRROR_VARS, gateway_nginx_mirror_allow=["10.9.0.0/24"],
-                                                               gateway_nginx_mirror_allowed_origins=["files.pythonhosted.org"]))["rkllm-mirror.conf"]
+    return render(run_play, tmp, NGINX_ROLE, ["rkllm-mirror.conf"], dict(MIRROR_VARS, gateway_nginx_mirror_allow=["10.9.0.0/24"],
+                                                                         gateway_nginx_mirror_allowed_origins=["files.pythonhosted.org"]))["rkllm-mirror.conf"]
 
 
 @pytest.fixture(scope="module")
-def mirror_lab(tmp_path_factory):
+def mirror_lab(tmp_path_factory, run_play):
     tmp = tmp_path_factory.mktemp("mirror_lab")
-    return render(tmp, NGINX_ROLE, ["rkllm-mirror.conf"], dict(MIRROR_VARS, gateway_nginx_mirror_upstream="http://rkllm-lab-upstream:8000",
-                                                               gateway_nginx_mirror_upstream_allow_http=True))["rkllm-mirror.conf"]
+    return render(run_play, tmp, NGINX_ROLE, ["rkllm-mirror.conf"], dict(MIRROR_VARS, gateway_nginx_mirror_upstream="http://rkllm-lab-upstream:8000",
+                                                                         gateway_nginx_mirror_upstream_allow_http=True))["rkllm-mirror.conf"]
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+def gateway(tmp_path_factory, run_play):
     tmp = tmp_path_factory.mktemp("gateway")
-    return render(tmp, NGINX_ROLE, ["nginx.conf", "api-keys.conf", "prometheus-nginx-exporter.default"],
+    return render(run_play, tmp, NGINX_ROLE, ["nginx.conf", "api-keys.conf", "prometheus-nginx-exporter.default"],
                   dict(MIRROR_VARS, gateway_nginx_prometheus_port=9090, gateway_nginx_prometheus_backend="127.0.0.1:9091",
                        gateway_nginx_prometheus_allow=["172.18.0.1"]))
 
@@ -233,9 +217,9 @@ def test_each_key_is_limited(gateway):
     assert '"~^key[0-9]+$" $rkllm_api_key;' in key_map and "none $binary_remote_addr;" in key_map
 
 
-def test_tls_is_forward_secret_without_tickets(tmp_path):
-    conf = render(tmp_path, NGINX_ROLE, ["nginx.conf"], dict(MIRROR_VARS, gateway_nginx_tls_cert="/etc/ssl/x.pem",
-                                                             gateway_nginx_tls_key="/etc/ssl/x.key"))["nginx.conf"]
+def test_tls_is_forward_secret_without_tickets(tmp_path, run_play):
+    conf = render(run_play, tmp_path, NGINX_ROLE, ["nginx.conf"], dict(MIRROR_VARS, gateway_nginx_tls_cert="/etc/ssl/x.pem",
+                                                                       gateway_nginx_tls_key="/etc/ssl/x.key"))["nginx.conf"]
     assert "ssl_session_tickets off;" in conf
     ciphers = re.search(r"ssl_ciphers ([^;]+);", conf).group(1).split(":")
     assert ciphers and all(c.startswith("ECDHE-") for c in ciphers)
@@ -244,9 +228,9 @@ def test_tls_is_forward_secret_without_tickets(tmp_path):
 
 # --- Prometheus and the nginx exporter -------------------------------------------------------------------
 
-def test_exporter_and_prometheus_listen_on_loopback(gateway, tmp_path):
+def test_exporter_and_prometheus_listen_on_loopback(gateway, tmp_path, run_play):
     assert "--web.listen-address=127.0.0.1:9113" in gateway["prometheus-nginx-exporter.default"]
-    prom = render(tmp_path, PROM_ROLE, ["prometheus.default"], {})["prometheus.default"]
+    prom = render(run_play, tmp_path, PROM_ROLE, ["prometheus.default"], {})["prometheus.default"]
     assert "--web.listen-address=127.0.0.1:9090 " in prom
 
 
@@ -268,8 +252,8 @@ def test_prometheus_front_answers_only_the_allow_list(gateway):
     ({"gateway_nginx_api_keys": ["x" * 20]}, None),
     ({"gateway_nginx_api_keys_required": False}, None),
 ])
-def test_gateway_preflight(tmp_path, extra, refused):
-    res = preflight(tmp_path, "gateway_nginx", "preflight.yml", dict({"gateway_nginx_boards": []}, **extra))
+def test_gateway_preflight(tmp_path, extra, refused, run_play):
+    res = preflight(run_play, tmp_path, "gateway_nginx", "preflight.yml", dict({"gateway_nginx_boards": []}, **extra))
     out = res.stdout + res.stderr
     if refused:
         assert res.returncode != 0 and refused in out, out
@@ -284,15 +268,15 @@ def test_gateway_preflight(tmp_path, extra, refused):
     ({"gateway_nginx_mirror_allow": ["all"]}, "gateway_nginx_mirror_allow"),
     ({"gateway_nginx_mirror_refresh_allow": ["0.0.0.0/0; deny"]}, "gateway_nginx_mirror_refresh_allow"),
 ])
-def test_mirror_preflight(tmp_path, extra, refused):
-    res = preflight(tmp_path, "gateway_nginx", "mirror_config.yml", dict({"gateway_nginx_mirror_enabled": True}, **extra), check=True)
+def test_mirror_preflight(tmp_path, extra, refused, run_play):
+    res = preflight(run_play, tmp_path, "gateway_nginx", "mirror_config.yml", dict({"gateway_nginx_mirror_enabled": True}, **extra), check=True)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and refused in out, out
 
 
 @pytest.mark.parametrize("address,refused", [("0.0.0.0:9090", True), ("192.0.2.2:9090", True), ("127.0.0.1:9091", False)])
-def test_prometheus_preflight(tmp_path, address, refused):
-    res = preflight(tmp_path, "gateway_prometheus", "preflight.yml",
+def test_prometheus_preflight(tmp_path, address, refused, run_play):
+    res = preflight(run_play, tmp_path, "gateway_prometheus", "preflight.yml",
                     {"gateway_prometheus_listen_address": address, "gateway_prometheus_boards": []})
     out = res.stdout + res.stderr
     assert (res.returncode != 0) is refused, out
@@ -311,7 +295,7 @@ def lab_gateway_running():
 
 @pytest.mark.skipif(not lab_gateway_running(), reason="the Docker lab's gateway is not running (make lab)")
 @pytest.mark.parametrize("variant", ["origins", "lab-upstream", "tls"])
-def test_nginx_accepts_the_renders(tmp_path, variant):
+def test_nginx_accepts_the_renders(tmp_path, variant, run_play):
     remote = f"/tmp/rkllm-render-{uuid.uuid4().hex[:8]}"
     evars = dict(MIRROR_VARS, _gateway_nginx_api_keys_file=f"{remote}/api-keys.conf", gateway_nginx_prometheus_port=19999,
                  gateway_nginx_mirror_cache_dir=f"{remote}/cache", gateway_nginx_access_log=f"{remote}/gw.access.log",
@@ -320,7 +304,7 @@ def test_nginx_accepts_the_renders(tmp_path, variant):
         evars.update(gateway_nginx_mirror_upstream="http://rkllm-lab-upstream:8000", gateway_nginx_mirror_upstream_allow_http=True)
     if variant == "tls":
         evars.update(gateway_nginx_tls_cert=f"{remote}/c.pem", gateway_nginx_tls_key=f"{remote}/k.pem")
-    files = render(tmp_path, NGINX_ROLE, ["nginx.conf", "api-keys.conf", "rkllm-mirror.conf"], evars)
+    files = render(run_play, tmp_path, NGINX_ROLE, ["nginx.conf", "api-keys.conf", "rkllm-mirror.conf"], evars)
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     # The mirror's file alone, inside a minimal main file, as the role's validate step does.
@@ -370,9 +354,9 @@ server {
 
 
 @pytest.mark.skipif(not lab_gateway_running(), reason="the Docker lab's gateway is not running (make lab)")
-def test_mirror_follows_redirects_only_to_allowed_origins(tmp_path):
+def test_mirror_follows_redirects_only_to_allowed_origins(tmp_path, run_play):
     remote = f"/tmp/rkllm-redirects-{uuid.uuid4().hex[:8]}"
-    conf = render(tmp_path, NGINX_ROLE, ["rkllm-mirror.conf"], dict(
+    conf = render(run_play, tmp_path, NGINX_ROLE, ["rkllm-mirror.conf"], dict(
         MIRROR_VARS, gateway_nginx_internal_port=18081, gateway_nginx_mirror_upstream="http://127.0.0.1:18999",
         gateway_nginx_mirror_upstream_allow_http=True, gateway_nginx_mirror_cache_dir=f"{remote}/cache",
         gateway_nginx_access_log=f"{remote}/gw.access.log", gateway_nginx_mirror_root=""))["rkllm-mirror.conf"]

@@ -8,14 +8,12 @@ rkllama_default_model through hostvars, as the gateway does.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 QWEN, DEEPSEEK = "Qwen2.5-1.5B-Instruct", "DeepSeek-R1-1.5B"
 BOARDS = (("b-opi5", "orangepi5-vendor"), ("b-rock5b", "rock5b"), ("b-rock4d", "rock4d"))
 
@@ -25,6 +23,25 @@ def _boards():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The task file finds the role defaults relative to itself: run the copy in the checkout's playbooks/.
+PLAY = textwrap.dedent("""\
+    - hosts: boards
+      gather_facts: false
+      tasks:
+        - rkllm.fleet.npu_facts:
+            sysroot: "{{{{ rkllm_sysroot }}}}"
+        - ansible.builtin.import_tasks: {tasks}
+        - ansible.builtin.debug:
+            msg: provisioning {{{{ inventory_hostname }}}}
+    - hosts: localhost
+      gather_facts: false
+      tasks:
+        - ansible.builtin.debug:
+            msg: "SPREAD {{{{ dict(groups['boards'] | zip(groups['boards'] | map('extract', hostvars, 'rkllama_default_model')))
+                  | to_json }}}}"
+    """).format(tasks=os.path.join(REPO, "playbooks", "tasks", "model_assignment.yml"))
 
 
 @pytest.fixture(scope="module")
@@ -39,33 +56,12 @@ def fleet(tmp_path_factory):
                          "children": {"boards": {"hosts": hosts}}}}
     (tmp / "hosts.yml").write_text(json.dumps(inventory))
     (tmp / "tasks").mkdir()
-    # The task file finds the role defaults relative to itself: run the copy in the checkout's playbooks/.
-    play = textwrap.dedent("""\
-        - hosts: boards
-          gather_facts: false
-          tasks:
-            - rkllm.fleet.npu_facts:
-                sysroot: "{{{{ rkllm_sysroot }}}}"
-            - ansible.builtin.import_tasks: {tasks}
-            - ansible.builtin.debug:
-                msg: provisioning {{{{ inventory_hostname }}}}
-        - hosts: localhost
-          gather_facts: false
-          tasks:
-            - ansible.builtin.debug:
-                msg: "SPREAD {{{{ dict(groups['boards'] | zip(groups['boards'] | map('extract', hostvars, 'rkllama_default_model')))
-                      | to_json }}}}"
-        """).format(tasks=os.path.join(REPO, "playbooks", "tasks", "model_assignment.yml"))
-    (tmp / "play.yml").write_text(play)
     return tmp
 
 
-def run(fleet, pools, *args):
-    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default")
-    extra = [] if pools is None else ["-e", json.dumps({"rkllm_model_pools": pools})]
-    proc = subprocess.run([PLAYBOOK_BIN, "-i", str(fleet / "hosts.yml"), str(fleet / "play.yml")] + extra + list(args),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+def run(run_play, fleet, pools, *args):
+    proc = run_play(fleet, PLAY, {} if pools is None else {"rkllm_model_pools": pools}, inventory=fleet / "hosts.yml",
+                    args=args)
     out = proc.stdout + proc.stderr
     spread = None
     for line in out.splitlines():
@@ -75,24 +71,24 @@ def run(fleet, pools, *args):
 
 
 @pytest.mark.parametrize("pools", [None, {}], ids=["unset", "empty"])
-def test_no_pools_keeps_the_inventorys_assignment(fleet, pools):
-    code, spread, out = run(fleet, pools)
+def test_no_pools_keeps_the_inventorys_assignment(fleet, pools, run_play):
+    code, spread, out = run(run_play, fleet, pools)
     assert code == 0, out
     assert spread == {"b-opi5": QWEN, "b-rock5b": QWEN, "b-rock4d": QWEN}
 
 
-def test_pools_assign_every_board_whatever_the_limit(fleet):
-    code, spread, out = run(fleet, {QWEN: 2, DEEPSEEK: 1})
+def test_pools_assign_every_board_whatever_the_limit(fleet, run_play):
+    code, spread, out = run(run_play, fleet, {QWEN: 2, DEEPSEEK: 1})
     assert code == 0, out
     assert spread == {"b-opi5": DEEPSEEK, "b-rock5b": QWEN, "b-rock4d": QWEN}
     # Limited to the RK3576 board: the others' platforms are read, the spread is the same.
-    code, limited, out = run(fleet, {QWEN: 2, DEEPSEEK: 1}, "--limit", "b-rock4d,localhost")
+    code, limited, out = run(run_play, fleet, {QWEN: 2, DEEPSEEK: 1}, "--limit", "b-rock4d,localhost")
     assert code == 0, out
     assert limited == spread
 
 
-def test_a_spread_that_does_not_fit_fails_every_board_before_anything_else(fleet):
-    code, spread, out = run(fleet, {DEEPSEEK: 3})
+def test_a_spread_that_does_not_fit_fails_every_board_before_anything_else(fleet, run_play):
+    code, spread, out = run(run_play, fleet, {DEEPSEEK: 3})
     assert code != 0
     assert "asks for 3 boards serving DeepSeek-R1-1.5B, but only 2 can run it (b-opi5, b-rock5b)" in out
     assert "b-rock4d (rk3576)" in out

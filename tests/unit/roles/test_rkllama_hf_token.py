@@ -5,10 +5,7 @@ expression roles/rkllama/tasks/models.yml uses (read from that file); the tasks 
 are read from the task files.
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +13,6 @@ import yaml
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ROLE = os.path.join(REPO, "roles", "rkllama")
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 TOKEN = "hf_s3cretTokenValue0123456789"
 
 
@@ -52,7 +48,7 @@ def test_every_task_that_carries_the_token_is_no_log():
     ("https://evilhf.co/model.rkllm", False),
     ("file:///var/cache/rkllm/model.rkllm", False),
 ])
-def test_the_token_goes_to_hugging_face_hosts_only(tmp_path, url, sent):
+def test_the_token_goes_to_hugging_face_hosts_only(tmp_path, url, sent, run_play):
     download = [t for n, t in carrying() if n == "models.yml"][0]
     expression = download["rkllm.fleet.artifact"]["headers"]
     play = textwrap.dedent("""\
@@ -71,25 +67,17 @@ def test_the_token_goes_to_hugging_face_hosts_only(tmp_path, url, sent):
                 headers: {expr}
         """).format(vars=os.path.join(ROLE, "vars", "main.yml"), url=url, out=tmp_path / "h.json",
                     expr=yaml.safe_dump(expression, default_style='"').strip())
-    (tmp_path / "play.yml").write_text(play)
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
-    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "play.yml"), "-e", "rkllama_hf_token=" + TOKEN,
-                           "-e", "role_path=" + ROLE, "-e", "ansible_python_interpreter=" + sys.executable],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    proc = run_play(tmp_path, play, {"rkllama_hf_token": TOKEN, "role_path": ROLE}, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     headers = (tmp_path / "h.json").read_text()
     assert (("Bearer " + TOKEN) in headers) is sent, headers
 
 
 @pytest.mark.parametrize("token,ok", [("", True), (TOKEN, True), ("hf_abc\nX-Evil: 1", False), ("hf abc", False)])
-def test_preflight_refuses_a_token_that_is_not_one_header_value(tmp_path, token, ok):
+def test_preflight_refuses_a_token_that_is_not_one_header_value(tmp_path, token, ok, run_play):
     check = [t for t in tasks("preflight.yml") if t["name"] == "Check the Hugging Face token"][0]
     play = [{"hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": [check]}]
-    (tmp_path / "pre.yml").write_text(yaml.safe_dump(play))
-    (tmp_path / "v.json").write_text(json.dumps({"rkllama_hf_token": token, "ansible_python_interpreter": sys.executable}))
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"))
-    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(tmp_path / "pre.yml"), "-e", "@" + str(tmp_path / "v.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    proc = run_play(tmp_path, yaml.safe_dump(play), {"rkllama_hf_token": token}, timeout=180)
     assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
     if token:
         assert token not in proc.stdout + proc.stderr, "the token was logged"

@@ -7,16 +7,12 @@ roles/rkllama/tasks/check.yml runs here with ansible-playbook against the fake o
 """
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 
 
 def _load_fake():
@@ -37,7 +33,7 @@ def fake():
     server.stop()
 
 
-def run_check(tmp_path, fake, **role_vars):
+def run_check(run_play, tmp_path, fake, **role_vars):
     """Run the role's check.yml once; return (returncode, recap line, output)."""
     port = fake.url.rsplit(":", 1)[1]
     play = textwrap.dedent("""\
@@ -49,37 +45,31 @@ def run_check(tmp_path, fake, **role_vars):
                 name: rkllm.fleet.rkllama
                 tasks_from: check.yml
         """)
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(play)
     variables = dict(role_vars, rkllama_port=int(port), rkllama_default_model=fake_api.QWEN,
-                     rkllama_model_check_timeout=20, ansible_python_interpreter=sys.executable)
-    (tmp_path / "vars.json").write_text(json.dumps(variables))
-    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default", NO_PROXY="*")
-    proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(playbook), "-e", "@" + str(tmp_path / "vars.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+                     rkllama_model_check_timeout=20)
+    proc = run_play(tmp_path, play, variables, timeout=180, env={"NO_PROXY": "*"})
     recap = [line for line in proc.stdout.splitlines() if line.startswith("localhost") and "ok=" in line]
     return proc.returncode, (recap[-1] if recap else ""), proc.stdout + proc.stderr
 
 
-def test_a_board_a_client_switched_gets_its_assigned_model_back_then_changes_nothing(tmp_path, fake):
+def test_a_board_a_client_switched_gets_its_assigned_model_back_then_changes_nothing(tmp_path, fake, run_play):
     fake.current = fake_api.DEEPSEEK  # what exo loaded for a client's request
-    code, recap, out = run_check(tmp_path, fake)
+    code, recap, out = run_check(run_play, tmp_path, fake)
     assert code == 0, out
     assert fake.current == fake_api.QWEN
     assert "changed=1" in recap, recap
     assert "Unloaded %s and loaded %s" % (fake_api.DEEPSEEK, fake_api.QWEN) in out or fake.posts()[:2] == [
         "/unload_model", "/load_model"], out
 
-    code, recap, out = run_check(tmp_path, fake)
+    code, recap, out = run_check(run_play, tmp_path, fake)
     assert code == 0, out
     assert "changed=0" in recap, recap
     assert fake.current == fake_api.QWEN
 
 
-def test_replace_false_leaves_the_other_model_and_fails_naming_it(tmp_path, fake):
+def test_replace_false_leaves_the_other_model_and_fails_naming_it(tmp_path, fake, run_play):
     fake.current = fake_api.DEEPSEEK
-    code, _recap, out = run_check(tmp_path, fake, rkllama_model_check_replace=False)
+    code, _recap, out = run_check(run_play, tmp_path, fake, rkllama_model_check_replace=False)
     assert code != 0
     assert "The NPU holds %s, not %s" % (fake_api.DEEPSEEK, fake_api.QWEN) in out
     assert fake.current == fake_api.DEEPSEEK

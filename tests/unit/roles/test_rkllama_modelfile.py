@@ -19,7 +19,6 @@ import textwrap
 import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 TOKENIZER = {"repo": "Qwen/Qwen2.5-1.5B-Instruct", "revision": "989aa7980e4cf806f80c7fef2b1adb7bc71aa306",
              "files": ["tokenizer.json"]}
 FILES = {"rk3588": {"url": "https://example.org/a.rkllm", "sha256": "a" * 64},
@@ -33,7 +32,7 @@ def _boards():
     return module
 
 
-def render(tmp_path, board, models, **role_vars):
+def render(run_play, tmp_path, board, models, **role_vars):
     """Run the preflight and write each model's Modelfile into tmp_path/<name>; return (paths, output)."""
     sysroot = tmp_path / "sys"
     _boards().build(board, str(sysroot))
@@ -55,19 +54,9 @@ def render(tmp_path, board, models, **role_vars):
                 _file: {{dest: "/models/{{{{ item.name }}}}/{{{{ item.name | lower }}}}.rkllm"}}
               loop: "{{{{ rkllama_models }}}}"
         """).format(sysroot=sysroot, out=tmp_path, template=os.path.join(REPO, "roles", "rkllama", "templates", "Modelfile.j2"))
-    playbook = os.path.join(REPO, "tests", "unit", "roles", ".rkllama_modelfile_play_%d.yml" % os.getpid())
-    with open(playbook, "w") as f:
-        f.write(play)
     variables = dict(role_vars, rkllama_models=models, rkllama_board_models=[m["name"] for m in models],
-                     rkllama_default_model=models[0]["name"], ansible_python_interpreter=sys.executable)
-    (tmp_path / "vars.json").write_text(json.dumps(variables))
-    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default")
-    try:
-        proc = subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", playbook, "-e", "@" + str(tmp_path / "vars.json")],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
-    finally:
-        os.unlink(playbook)
+                     rkllama_default_model=models[0]["name"])
+    proc = run_play(tmp_path, play, variables, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {m["name"]: tmp_path / m["name"] for m in models}, " ".join(proc.stdout.split())
 
@@ -96,9 +85,9 @@ def model(name, **modelfile):
     return entry
 
 
-def test_no_key_of_one_model_carries_over_to_the_next(tmp_path):
+def test_no_key_of_one_model_carries_over_to_the_next(tmp_path, run_play):
     models = [model("DeepSeek-R1-1.5B", TEMPERATURE="0.6", MAX_NEW_TOKENS="1000"), model("Plain")]
-    paths, _output = render(tmp_path, "rock5b", models)
+    paths, _output = render(run_play, tmp_path, "rock5b", models)
     first, second = loaded_one_after_the_other([paths["DeepSeek-R1-1.5B"], paths["Plain"]])
     assert first == {"FROM": "deepseek-r1-1.5b.rkllm", "HUGGINGFACE_PATH": TOKENIZER["repo"],
                      "MAX_NEW_TOKENS": "1000", "TEMPERATURE": "0.6"}
@@ -108,9 +97,9 @@ def test_no_key_of_one_model_carries_over_to_the_next(tmp_path):
 
 
 @pytest.mark.parametrize("board, cap", [("rock5b", 2160), ("rock4d", 1620)])
-def test_max_new_tokens_is_capped_to_fit_exos_300_s_and_reported(tmp_path, board, cap):
+def test_max_new_tokens_is_capped_to_fit_exos_300_s_and_reported(tmp_path, board, cap, run_play):
     models = [model("Qwen", MAX_NEW_TOKENS="1024"), model("DeepSeek-R1-1.5B", MAX_NEW_TOKENS="8192")]
-    paths, output = render(tmp_path, board, models)
+    paths, output = render(run_play, tmp_path, board, models)
     assert loaded_one_after_the_other([paths["Qwen"]])[0]["MAX_NEW_TOKENS"] == "1024"
     assert loaded_one_after_the_other([paths["DeepSeek-R1-1.5B"]])[0]["MAX_NEW_TOKENS"] == str(cap)
     platform = "rk3588" if board == "rock5b" else "rk3576"
@@ -118,10 +107,10 @@ def test_max_new_tokens_is_capped_to_fit_exos_300_s_and_reported(tmp_path, board
     assert "Qwen: MAX_NEW_TOKENS" not in output
 
 
-def test_the_cap_follows_the_operators_speed_and_can_be_turned_off(tmp_path):
+def test_the_cap_follows_the_operators_speed_and_can_be_turned_off(tmp_path, run_play):
     models = [model("DeepSeek-R1-1.5B", MAX_NEW_TOKENS="8192")]
-    paths, _output = render(tmp_path, "rock5b", models, rkllama_expected_tokens_per_second={"rk3588": 11.5})
+    paths, _output = render(run_play, tmp_path, "rock5b", models, rkllama_expected_tokens_per_second={"rk3588": 11.5})
     assert loaded_one_after_the_other([paths["DeepSeek-R1-1.5B"]])[0]["MAX_NEW_TOKENS"] == "3105"
-    paths, output = render(tmp_path, "rock5b", models, rkllama_generation_time_limit=0)
+    paths, output = render(run_play, tmp_path, "rock5b", models, rkllama_generation_time_limit=0)
     assert loaded_one_after_the_other([paths["DeepSeek-R1-1.5B"]])[0]["MAX_NEW_TOKENS"] == "8192"
     assert "capped to" not in output

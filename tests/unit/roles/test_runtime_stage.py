@@ -10,18 +10,13 @@ the library served from a local HTTP server.
 import functools
 import hashlib
 import http.server
-import json
 import os
 import struct
-import subprocess
-import sys
 import textwrap
 import threading
 
 import pytest
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-PLAYBOOK_BIN = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
 # ELF machine numbers (the artifact module refuses a library built for another machine).
 MACHINES = {"x86_64": 62, "aarch64": 183}
 
@@ -51,7 +46,7 @@ def served_library(tmp_path):
     server.shutdown()
 
 
-def run_stage(tmp_path, url, sha256, tasks_from="stage.yml"):
+def run_stage(run_play, tmp_path, url, sha256, tasks_from="stage.yml"):
     prefix = tmp_path / "runtime"
     arch = os.uname().machine
     role_vars = {
@@ -61,7 +56,6 @@ def run_stage(tmp_path, url, sha256, tasks_from="stage.yml"):
         "runtime_releases_extra": {"1.2.2": {arch: {"url": url, "sha256": sha256}}},
         "rkllm_artifact_dir": "",
         "rkllm_mirror_url": "",
-        "ansible_python_interpreter": sys.executable,
     }
     play = textwrap.dedent("""\
         - hosts: localhost
@@ -74,13 +68,7 @@ def run_stage(tmp_path, url, sha256, tasks_from="stage.yml"):
                 name: rkllm.fleet.runtime
                 tasks_from: {tasks_from}
         """).format(tasks_from=tasks_from)
-    playbook = tmp_path / "play.yml"
-    playbook.write_text(play)
-    extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps(role_vars))
-    env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(REPO, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    return subprocess.run([PLAYBOOK_BIN, "-i", "localhost,", str(playbook), "-e", "@" + str(extra)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return run_play(tmp_path, play, role_vars)
 
 
 @pytest.fixture()
@@ -95,9 +83,9 @@ def serving_board(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the role installs files owned by root")
-def test_stage_downloads_beside_the_running_runtime_and_switches_nothing(tmp_path, served_library, serving_board):
+def test_stage_downloads_beside_the_running_runtime_and_switches_nothing(tmp_path, served_library, serving_board, run_play):
     url, sha256 = served_library
-    result = run_stage(tmp_path, url, sha256)
+    result = run_stage(run_play, tmp_path, url, sha256)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     staged = serving_board / "1.2.2" / "librkllmrt.so"
     assert hashlib.sha256(staged.read_bytes()).hexdigest() == sha256
@@ -108,9 +96,9 @@ def test_stage_downloads_beside_the_running_runtime_and_switches_nothing(tmp_pat
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the role installs files owned by root")
-def test_stage_refuses_a_corrupt_download_and_leaves_the_board_as_it_was(tmp_path, served_library, serving_board):
+def test_stage_refuses_a_corrupt_download_and_leaves_the_board_as_it_was(tmp_path, served_library, serving_board, run_play):
     url, _digest = served_library
-    result = run_stage(tmp_path, url, "0" * 64)
+    result = run_stage(run_play, tmp_path, url, "0" * 64)
     assert result.returncode != 0
     assert "The active runtime was not changed" in result.stdout
     assert os.readlink(str(serving_board / "current")) == "1.2.3"
@@ -119,9 +107,9 @@ def test_stage_refuses_a_corrupt_download_and_leaves_the_board_as_it_was(tmp_pat
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the role installs files owned by root")
-def test_install_without_the_stage_entry_point_does_switch(tmp_path, served_library, serving_board):
+def test_install_without_the_stage_entry_point_does_switch(tmp_path, served_library, serving_board, run_play):
     """The control: the same tasks, entered as main enters them, switch and prune (so the test above can fail)."""
     url, sha256 = served_library
-    result = run_stage(tmp_path, url, sha256, tasks_from="install.yml")
+    result = run_stage(run_play, tmp_path, url, sha256, tasks_from="install.yml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert os.readlink(str(serving_board / "current")) == "1.2.2"

@@ -24,8 +24,8 @@ def _routing():
 
 
 @pytest.fixture(scope="module")
-def b2_drained(tmp_path_factory):
-    res, files = _routing().run_role(tmp_path_factory.mktemp("upgrade-pools"), {"gateway_nginx_drained": ["b2"]})
+def b2_drained(tmp_path_factory, run_play):
+    res, files = _routing().run_role(run_play, tmp_path_factory.mktemp("upgrade-pools"), {"gateway_nginx_drained": ["b2"]})
     assert res.returncode == 0, res.stdout + res.stderr
     return files["nginx.conf"]
 
