@@ -110,17 +110,10 @@ options:
       - The option is C(no_log), so its values never appear in the result, the log or error messages.
     type: dict
     default: {}
-extends_documentation_fragment:
-  - ansible.builtin.files
-  - ansible.builtin.action_common_attributes
+extends_documentation_fragment: [ansible.builtin.files, ansible.builtin.action_common_attributes, rkllm.fleet.attributes]
 attributes:
   check_mode:
-    support: full
     details: In check mode nothing is downloaded; the result is changed when O(dest) is missing or has another identity.
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 seealso:
   - module: ansible.builtin.get_url
 notes:

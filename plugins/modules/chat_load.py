@@ -22,17 +22,12 @@ description:
     are data, not a task failure; the task fails only on bad options. Assert on the returned figures.
 author:
   - rkllm.fleet developers (@rkllm)
-extends_documentation_fragment:
-  - ansible.builtin.action_common_attributes
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, rkllm.fleet.attributes]
 attributes:
   check_mode:
-    support: full
     details:
       - Sends nothing and returns zero counts.
-  diff_mode:
-    support: none
   platform:
-    platforms: posix
     details:
       - Runs wherever it is delegated, normally the controller or a gateway host. The boards' exo port is reachable
         from the gateway hosts only.

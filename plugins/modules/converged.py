@@ -113,17 +113,11 @@ options:
     description: Seconds to wait for each of the recorded URLs.
     type: int
     default: 5
-extends_documentation_fragment:
-  - ansible.builtin.action_common_attributes
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, rkllm.fleet.attributes]
 attributes:
   check_mode:
-    support: full
     details:
       - V(check) never changes anything; V(present) and V(absent) report whether they would change the stamp.
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 notes:
   - Files compared by size and times only (models, venvs) are not re-read, so a change that keeps size, modification
     time, change time and inode is not seen; any ordinary write or C(touch) changes the change time.

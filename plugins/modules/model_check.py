@@ -23,18 +23,13 @@ description:
     the RKLLM runtime could not initialise the model.
 author:
   - rkllm.fleet developers (@rkllm)
-extends_documentation_fragment:
-  - ansible.builtin.action_common_attributes
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, rkllm.fleet.attributes]
 attributes:
   check_mode:
-    support: full
     details:
       - Only the read-only C(GET /), C(GET /current_model) and, when a model would be loaded, C(GET /models) are sent.
         The module reports what it would do (load O(model), or replace the loaded model) without loading or generating.
-  diff_mode:
-    support: none
   platform:
-    platforms: posix
     details:
       - Runs wherever it can reach O(url). rkllama's port is open to the board itself only, so run it on the board.
 options:

@@ -47,19 +47,13 @@ options:
       - Numbers separated by dots; anything else fails the task, as it is a mistake in the play, not on the host.
     type: str
     default: 0.9.8
-extends_documentation_fragment:
-  - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.facts
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, ansible.builtin.action_common_attributes.facts, rkllm.fleet.attributes]
 attributes:
   check_mode:
-    support: full
     details: It only reads, so check mode runs it exactly as a normal run.
-  diff_mode:
-    support: none
   facts:
     support: full
   platform:
-    platforms: posix
     details: Meant for Linux boards; on any other host it reports that there is no Rockchip NPU.
 notes:
   - The sentences in RV(ansible_facts.rknpu.problems) are meant to be shown to people as they are, for

@@ -52,20 +52,14 @@ options:
       - Appended to every failure message, for example what the user can do about a patch that does not apply.
     type: str
     default: ''
-extends_documentation_fragment:
-  - ansible.builtin.action_common_attributes
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, rkllm.fleet.attributes]
 attributes:
   check_mode:
-    support: full
     details:
       - Reports whether the work tree would change and which patches would be applied, and writes nothing.
       - A missing checkout, a checkout at another commit or missing patch files (an earlier task that would create
         them ran in check mode too) are reported as changes, not failures. A patch that does not apply fails as it
         would in a real run.
-  diff_mode:
-    support: none
-  platform:
-    platforms: posix
 requirements:
   - git on the target
 notes:
