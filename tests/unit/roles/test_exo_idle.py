@@ -52,7 +52,10 @@ class FakeExo:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self.server.shutdown()
 
 
@@ -70,11 +73,8 @@ def run_idle(run_play, tmp_path, port, timeout=30):
 
 
 def test_waits_until_the_last_request_ends(tmp_path, run_play):
-    exo = FakeExo(busy=2, busy_for=3.5)
-    try:
+    with FakeExo(busy=2, busy_for=3.5) as exo:
         result = run_idle(run_play, tmp_path, exo.port)
-    finally:
-        exo.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     # It looked again, a second apart, until the gauge read 0: not before the requests ended.
     assert exo.looks[-1] - exo.first_look >= 3.5
@@ -83,21 +83,15 @@ def test_waits_until_the_last_request_ends(tmp_path, run_play):
 
 
 def test_an_idle_board_is_not_kept_waiting(tmp_path, run_play):
-    exo = FakeExo(busy=0, busy_for=0)
-    try:
+    with FakeExo(busy=0, busy_for=0) as exo:
         result = run_idle(run_play, tmp_path, exo.port)
-    finally:
-        exo.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert len(exo.looks) == 1
 
 
 def test_a_board_still_busy_at_the_timeout_fails_naming_the_count(tmp_path, run_play):
-    exo = FakeExo(busy=3, busy_for=3600)
-    try:
+    with FakeExo(busy=3, busy_for=3600) as exo:
         result = run_idle(run_play, tmp_path, exo.port, timeout=2)
-    finally:
-        exo.close()
     assert result.returncode != 0
     assert "still had 3.0 request(s) in progress after 2 s" in result.stdout
     assert "exo_idle_timeout" in result.stdout
